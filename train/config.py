@@ -1,0 +1,145 @@
+"""Configuration: Hydra composition of train/configs plus validation with one-line errors.
+
+`load_config(["key=value", ...])` is what `python -m train.run key=value ...` calls. Every invalid value
+stops with a `ConfigError` whose message is a single line naming the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+TRAINING_MODES = ("sft", "pretrain")
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULERS = ("cosine", "linear", "constant")
+LOSS_NORMS = ("maskable", "batch", "masked")
+PRECISIONS = ("auto", "fp32", "bf16")
+KERNELS = ("pallas", "reference", "naive")
+KERNEL_ALIASES = {"flash_attention": "pallas", "default": "reference"}
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message is one line naming the key."""
+
+
+def _group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def load_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose train/configs/config.yaml with command-line style overrides and validate the result."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides)
+    for group in ("model", "data"):  # Hydra's own message for a bad group option spans many lines
+        for item in overrides:
+            if item.startswith(f"{group}=") and item.split("=", 1)[1] not in _group_options(group):
+                value = item.split("=", 1)[1]
+                what = "preset" if group == "model" else "config"
+                raise ConfigError(
+                    f"{group}: unknown {what} '{value}'; allowed: {', '.join(_group_options(group))}"
+                )
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"invalid override: {first}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    validate(cfg)
+    return cfg
+
+
+def _choice(cfg: DictConfig, key: str, allowed: Sequence[str], aliases: dict | None = None) -> str:
+    value = OmegaConf.select(cfg, key)
+    if aliases and value in aliases:
+        value = aliases[value]
+        OmegaConf.update(cfg, key, value)
+    if value not in allowed:
+        raise ConfigError(f"{key}: unknown value {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
+def _positive_int(cfg: DictConfig, key: str, allow_zero: bool = False) -> int:
+    value = OmegaConf.select(cfg, key)
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ConfigError(f"{key}: must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
+    return value
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every enumerated or numeric key we own; data keys are checked again by data/ itself."""
+    from model.config import get_preset  # model/ raises the one-line preset error itself
+
+    _choice(cfg, "training_mode", TRAINING_MODES)
+    _choice(cfg, "optimizer.type", OPTIMIZERS)
+    _choice(cfg, "lr_scheduler.type", SCHEDULERS)
+    _choice(cfg, "diffusion.loss_norm", LOSS_NORMS)
+    _choice(cfg, "precision", PRECISIONS)
+    _choice(cfg, "model.attention_kernel", KERNELS, KERNEL_ALIASES)
+    _choice(cfg, "model.loss_kernel", KERNELS, KERNEL_ALIASES)
+    try:
+        get_preset(cfg.model.preset)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for key in ("global_batch_size", "gradient_accumulation_steps", "max_steps", "logging_steps"):
+        _positive_int(cfg, key)
+    for key in ("save_steps", "eval_steps"):
+        _positive_int(cfg, key, allow_zero=True)
+    for scope in ("ici_mesh", "dcn_mesh"):
+        for axis in MESH_AXES:
+            _positive_int(cfg, f"{scope}.{axis}")
+    if cfg.resume_from_checkpoint is not None and cfg.init_from is not None:
+        raise ConfigError("resume_from_checkpoint and init_from: give one, not both "
+                          "(resume continues a run; init_from starts a new one from weights)")
+    resume = cfg.resume_from_checkpoint
+    if resume is not None and resume != "latest" and not (isinstance(resume, int) and resume >= 0):
+        raise ConfigError(f"resume_from_checkpoint: {resume!r}; allowed: null, latest, or a step number")
+    eps = cfg.diffusion.sampling_eps
+    if not (isinstance(eps, (int, float)) and 0 < eps < 1):
+        raise ConfigError(f"diffusion.sampling_eps: must be in (0, 1), got {eps!r}")
+
+
+def mesh_size(cfg: DictConfig, scope: str) -> int:
+    size = 1
+    for axis in MESH_AXES:
+        size *= int(cfg[scope][axis])
+    return size
+
+
+def data_parallel_size(cfg: DictConfig) -> int:
+    """Ranks that read different rows: the batch is split over the data and fsdp axes."""
+    return int(cfg.ici_mesh.data * cfg.ici_mesh.fsdp * cfg.dcn_mesh.data * cfg.dcn_mesh.fsdp)
+
+
+def check_batch_and_mesh(cfg: DictConfig, device_count: int) -> int:
+    """Check the mesh against the devices and the batch against the mesh; return rows per micro-batch."""
+    total = mesh_size(cfg, "ici_mesh") * mesh_size(cfg, "dcn_mesh")
+    if total != device_count:
+        raise ConfigError(
+            f"ici_mesh x dcn_mesh: the product of the mesh axes is {total} but {device_count} device(s) are "
+            f"present; set ici_mesh.*/dcn_mesh.* so that they multiply to {device_count}"
+        )
+    divisor = cfg.gradient_accumulation_steps * data_parallel_size(cfg)
+    if cfg.global_batch_size % divisor:
+        raise ConfigError(
+            f"global_batch_size: {cfg.global_batch_size} is not divisible by gradient_accumulation_steps x "
+            f"data-parallel size = {divisor}"
+        )
+    return cfg.global_batch_size // cfg.gradient_accumulation_steps
+
+
+def checkpoint_dir(cfg: DictConfig) -> str:
+    return cfg.checkpoint_dir or os.path.join(cfg.output_dir, "checkpoints")

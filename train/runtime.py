@@ -1,0 +1,54 @@
+"""The XLA runtime: one place that imports torch_xla, picks the device and synchronises.
+
+torch_xla must be imported and its device created before any CPU autograd runs in the process
+(DESIGN.md section 6), so every entry point calls `xla_device()` first.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+# The CPU PJRT client is what runs here; on a TPU VM the environment (or libtpu) selects TPU.
+os.environ.setdefault("PJRT_DEVICE", "CPU")
+
+
+@functools.lru_cache(maxsize=None)
+def xla_device() -> torch.device:
+    import torch_xla
+
+    return torch_xla.device()
+
+
+def device_kind() -> str:
+    """'TPU', 'CPU', ... as PJRT names it."""
+    import torch_xla.runtime as xr
+
+    return xr.device_type()
+
+
+def is_tpu() -> bool:
+    return device_kind() == "TPU"
+
+
+def device_count() -> int:
+    import torch_xla.runtime as xr
+
+    return xr.global_runtime_device_count()
+
+
+def sync() -> None:
+    """Cut the lazy graph here and run it (one compiled graph per distinct shape)."""
+    import torch_xla
+
+    torch_xla.sync()
+
+
+def compile_count() -> int:
+    """How many graphs torch_xla has compiled so far in this process."""
+    import torch_xla.debug.metrics as met
+
+    data = met.metric_data("CompileTime")
+    return int(data[0]) if data else 0
