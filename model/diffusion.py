@@ -1,0 +1,142 @@
+"""The masked-diffusion objective (DESIGN.md section 1).
+
+Per sequence: t ~ U(eps, 1); each maskable token is replaced by MASK with probability t; the model
+sees the noisy sequence with bidirectional, segment-restricted attention; the loss is
+sum over masked positions of (1/t) * CE(prediction, clean token), divided by a normaliser.
+
+Randomness is drawn on the host from a torch.Generator the caller seeds (the trainer derives it
+from (seed, step, micro-step)), so a resumed run replays the same noise; the device only applies it.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+
+LOSS_NORMS = ("maskable", "batch", "masked")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """mask_token_id: id written at noised positions (151669 = <|mask|> for Qwen3).
+    sampling_eps: t ~ U(eps, 1), keeping 1/t bounded.
+    antithetic: stratified t across the batch (one uniform offset, B evenly spaced strata).
+    loss_norm: maskable (number of maskable tokens; default, per-token ELBO) | batch (B*L) |
+        masked (number of loss positions).
+    shift_logits: hidden state i-1 predicts token i (AR-adapted convention); False: i predicts i.
+    """
+
+    mask_token_id: int
+    sampling_eps: float = 1e-3
+    antithetic: bool = False
+    loss_norm: str = "maskable"
+    shift_logits: bool = True
+
+    def __post_init__(self):
+        if self.loss_norm not in LOSS_NORMS:
+            raise ValueError(f"diffusion: loss_norm={self.loss_norm!r} is unknown; allowed: "
+                             f"{', '.join(LOSS_NORMS)}")
+        if not 0.0 <= self.sampling_eps < 1.0:
+            raise ValueError(f"diffusion: sampling_eps must be in [0, 1), got {self.sampling_eps}")
+        if (not isinstance(self.mask_token_id, numbers.Integral)
+                or isinstance(self.mask_token_id, bool) or self.mask_token_id < 0):
+            raise ValueError(f"diffusion: mask_token_id must be a non-negative int, "
+                             f"got {self.mask_token_id!r}")
+
+
+def draw_noise(batch_size: int, seq_len: int, generator: torch.Generator, *,
+               sampling_eps: float = 1e-3, antithetic: bool = False):
+    """(t [B] fp32 in [eps, 1), u [B, L] fp32 in [0, 1)) on the CPU.
+
+    antithetic: t_i = eps + (1 - eps) * ((u0 + i / B) mod 1) with one u0 per batch, so every
+    batch covers the noise levels evenly (lower-variance loss estimate, same marginal law).
+    """
+    if antithetic:
+        u0 = torch.rand((), generator=generator, dtype=torch.float32)
+        frac = torch.remainder(u0 + torch.arange(batch_size, dtype=torch.float32) / batch_size, 1.0)
+    else:
+        frac = torch.rand((batch_size,), generator=generator, dtype=torch.float32)
+    t = sampling_eps + (1.0 - sampling_eps) * frac
+    u = torch.rand((batch_size, seq_len), generator=generator, dtype=torch.float32)
+    return t, u
+
+
+def noise_batch(input_ids: torch.Tensor, maskable: torch.Tensor, t: torch.Tensor,
+                u: torch.Tensor, mask_token_id: int):
+    """(noisy_ids, loss_mask): a maskable position is masked iff u < t of its row."""
+    loss_mask = maskable & (u < t[:, None])
+    noisy = torch.where(loss_mask, torch.full_like(input_ids, mask_token_id), input_ids)
+    return noisy, loss_mask
+
+
+def maskable_positions(batch: dict, shift_logits: bool) -> torch.Tensor:
+    """[B, L] bool: positions that may be noised and scored.
+
+    Not maskable: prompt tokens and padding (src_mask), padding again via segment 0 and, with
+    shift_logits, the first token of every packed segment (position_ids == 0) and of every row:
+    its predictor would be the previous segment's last token, which it cannot attend to.
+    """
+    segment_ids = batch["segment_ids"]
+    maskable = (~batch["src_mask"].bool()) & (segment_ids > 0)
+    if shift_logits:
+        not_first = torch.arange(maskable.shape[1], device=maskable.device) > 0
+        maskable = maskable & (batch["position_ids"] != 0) & not_first[None, :]
+    return maskable
+
+
+def diffusion_loss(model, batch: dict, t: torch.Tensor, u: torch.Tensor, cfg: DiffusionConfig):
+    """(loss, stats) for one batch of device tensors (the data contract: input_ids, src_mask,
+    segment_ids, position_ids, all [B, L]). t [B], u [B, L] come from draw_noise.
+
+    loss = sum over loss positions of (1/t) * CE / normaliser. stats are device tensors (no host
+    sync): loss_sum (fp32, before normalising), num_loss_positions, num_maskable, num_tokens
+    (non-padding), normaliser (fp32, what loss_sum was divided by).
+    """
+    input_ids = batch["input_ids"]
+    device = input_ids.device
+    b, l = input_ids.shape
+    t = t.to(device=device, dtype=torch.float32)
+    u = u.to(device=device, dtype=torch.float32)
+    segment_ids = batch["segment_ids"]
+    position_ids = batch["position_ids"]
+
+    maskable = maskable_positions(batch, cfg.shift_logits)
+    noisy, loss_mask = noise_batch(input_ids, maskable, t, u, cfg.mask_token_id)
+    hidden = model(noisy, segment_ids, position_ids)
+
+    token_weight = torch.where(loss_mask, (1.0 / t)[:, None].expand(b, l),
+                               torch.zeros((), dtype=torch.float32, device=device))
+    targets = input_ids
+    if cfg.shift_logits:
+        # Row i predicts token i+1: shift targets and weights left instead of slicing hidden, so
+        # the kernel sees N = B*L rows (block-friendly) and no copy of hidden is made. The last
+        # column gets a dummy target with weight 0 (position 0 is never a loss position).
+        targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
+        token_weight = torch.cat([token_weight[:, 1:], torch.zeros_like(token_weight[:, :1])],
+                                 dim=1)
+    h = hidden.shape[-1]
+    loss_sum = kernels.masked_cross_entropy(
+        hidden.reshape(-1, h), model.lm_head_weight, targets.reshape(-1).to(torch.int32),
+        token_weight.reshape(-1), backend=model.loss_kernel,
+        block_sizes=getattr(model, "loss_kernel_config", None))
+
+    num_loss = loss_mask.sum()
+    num_maskable = maskable.sum()
+    if cfg.loss_norm == "maskable":
+        normaliser = num_maskable.clamp(min=1).float()
+    elif cfg.loss_norm == "masked":
+        normaliser = num_loss.clamp(min=1).float()
+    else:
+        normaliser = torch.full((), float(b * l), dtype=torch.float32, device=device)
+    stats = {
+        "loss_sum": loss_sum.detach(),
+        "num_loss_positions": num_loss,
+        "num_maskable": num_maskable,
+        "num_tokens": (segment_ids > 0).sum(),
+        "normaliser": normaliser,
+    }
+    return loss_sum / normaliser, stats

@@ -1,0 +1,281 @@
+"""Qwen3 as Hugging Face defines it, with segment-aware (packed) attention through `kernels`.
+
+Architecture facts (transformers' Qwen3): pre-norm decoder layers; RMSNorm computed in fp32 and cast
+back before the weight multiply; per-head RMSNorm on q and k (over head_dim) before RoPE; RoPE
+angles position * rope_theta^(-2i/head_dim) in fp32, rotate-half layout; no biases; SwiGLU MLP
+(down(silu(gate(x)) * up(x))); GQA with query head h reading kv head h // (Hq / Hkv); attention
+scale head_dim^-0.5; final RMSNorm; LM head optionally tied to the embedding.
+
+Parameter names equal Hugging Face `Qwen3ForCausalLM.state_dict()` names, so checkpoints map 1:1
+(`lm_head.weight` exists only when the head is untied).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from model.config import Qwen3Config
+
+# model.attention_kernel / model.loss_kernel values -> kernels backend names. The seed's names
+# `flash_attention` and `default` stay accepted.
+KERNEL_ALIASES = {
+    "pallas": "pallas",
+    "flash_attention": "pallas",
+    "reference": "reference",
+    "default": "reference",
+    "naive": "naive",
+    "interpret": "interpret",
+    "mosaic": "mosaic",
+}
+
+
+def resolve_kernel(value: str, key: str) -> str:
+    name = KERNEL_ALIASES.get(str(value).strip().lower())
+    if name is None:
+        raise ValueError(f"model: {key}={value!r} is unknown; allowed: "
+                         f"{', '.join(KERNEL_ALIASES)}")
+    return name
+
+
+class Qwen3RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [B, L, head_dim] for integer positions, computed in fp32 like HF, then cast.
+
+    Computed per call from the config rather than kept as a buffer, so a model built on the meta
+    device and materialised later (to_empty) has nothing stale.
+    """
+    exponent = torch.arange(0, head_dim, 2, device=position_ids.device,
+                            dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponent)  # [D/2]
+    angles = position_ids.float()[..., None] * inv_freq  # [B, L, D/2]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, D]; cos/sin [B, L, D]."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + _rotate_half(x) * sin
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, config: Qwen3Config, *, causal: bool, backend: str, block_sizes):
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = d
+        self.causal = causal
+        self.backend = backend
+        self.block_sizes = block_sizes
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        self.q_norm = Qwen3RMSNorm(d, config.rms_norm_eps)
+        self.k_norm = Qwen3RMSNorm(d, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, segment_ids):
+        b, l, _ = x.shape
+        # norm per head over head_dim, on [B, L, H, D], then heads first for the kernel
+        q = self.q_norm(self.q_proj(x).view(b, l, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = kernels.masked_attention(q, k, v, segment_ids, causal=self.causal,
+                                     sm_scale=self.head_dim ** -0.5, backend=self.backend,
+                                     block_sizes=self.block_sizes)
+        return self.o_proj(o.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen3Config, **attn_kwargs):
+        super().__init__()
+        self.self_attn = Qwen3Attention(config, **attn_kwargs)
+        self.mlp = Qwen3MLP(config)
+        self.input_layernorm = Qwen3RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, segment_ids):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3Model(nn.Module):
+    """The backbone (HF's `model.` prefix): embeddings, decoder layers, final norm."""
+
+    def __init__(self, config: Qwen3Config, **attn_kwargs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            Qwen3DecoderLayer(config, **attn_kwargs) for _ in range(config.num_hidden_layers))
+        self.norm = Qwen3RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Qwen3ForDiffusionLM(nn.Module):
+    """Qwen3 returning final-norm hidden states; the LM head is applied by the loss kernel.
+
+    forward(input_ids [B,L], segment_ids [B,L] | None, position_ids [B,L] | None) -> [B,L,H].
+    segment_ids: 1..k per packed example, 0 = padding (attends nowhere, output unused);
+    None = one segment per row. position_ids: restart at 0 per example; None = 0..L-1.
+    """
+
+    def __init__(self, config: Qwen3Config, *, causal: bool = False,
+                 attention_kernel: str = "reference", loss_kernel: str = "reference",
+                 attention_kernel_config: dict | None = None,
+                 loss_kernel_config: dict | None = None,
+                 gradient_checkpointing: bool = False):
+        super().__init__()
+        # Recompute each decoder layer in backward instead of keeping its activations.
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.config = config.validate()
+        self.causal = bool(causal)
+        self.attention_kernel = resolve_kernel(attention_kernel, "model.attention_kernel")
+        self.loss_kernel = resolve_kernel(loss_kernel, "model.loss_kernel")
+        self.attention_kernel_config = _plain_config(attention_kernel_config)
+        self.loss_kernel_config = _plain_config(loss_kernel_config)
+        self.model = Qwen3Model(config, causal=self.causal, backend=self.attention_kernel,
+                                block_sizes=self.attention_kernel_config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def set_kernels(self, *, attention_kernel: str | None = None, loss_kernel: str | None = None,
+                    attention_kernel_config=None, loss_kernel_config=None) -> None:
+        """Switch backends after construction (e.g. evaluate a checkpoint with another kernel).
+        A config given replaces the old one; None keeps it."""
+        if attention_kernel is not None:
+            self.attention_kernel = resolve_kernel(attention_kernel, "model.attention_kernel")
+        if attention_kernel_config is not None:
+            self.attention_kernel_config = _plain_config(attention_kernel_config)
+        if loss_kernel is not None:
+            self.loss_kernel = resolve_kernel(loss_kernel, "model.loss_kernel")
+        if loss_kernel_config is not None:
+            self.loss_kernel_config = _plain_config(loss_kernel_config)
+        for layer in self.model.layers:
+            layer.self_attn.backend = self.attention_kernel
+            layer.self_attn.block_sizes = self.attention_kernel_config
+
+    # ---- parameters ----------------------------------------------------------------------------
+
+    def reset_parameters(self) -> None:
+        """HF's init: every Linear and the embedding ~ N(0, initializer_range), norms = 1.
+        Also the way to initialise a model built on the meta device after `to_empty`."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, Qwen3RMSNorm):
+                module.reset_parameters()
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, H]: the embedding matrix when tied, else lm_head.weight."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.weight
+        return self.lm_head.weight
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weight counted once
+
+    def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor], *, strict: bool = True):
+        """Load a Hugging Face Qwen3ForCausalLM state dict (names are identical). With a tied
+        head, HF's `lm_head.weight` (the embedding itself) is accepted and dropped."""
+        sd = dict(state_dict)
+        if self.config.tie_word_embeddings and "lm_head.weight" in sd:
+            head = sd.pop("lm_head.weight")
+            emb = sd.get("model.embed_tokens.weight")
+            if emb is not None and head is not emb and not torch.equal(head.cpu(), emb.cpu()):
+                raise ValueError("model: checkpoint has an lm_head.weight different from "
+                                 "model.embed_tokens.weight but the config ties them "
+                                 "(tie_word_embeddings=true)")
+        return self.load_state_dict(sd, strict=strict)
+
+    # ---- compute -------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        b, l = input_ids.shape
+        if segment_ids is None:
+            segment_ids = torch.ones((b, l), dtype=torch.int32, device=input_ids.device)
+        if position_ids is None:
+            position_ids = torch.arange(l, device=input_ids.device).expand(b, l)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        segment_ids = segment_ids.to(torch.int32)
+        checkpoint = _checkpoint_fn(x) if self.gradient_checkpointing and self.training else None
+        for layer in self.model.layers:
+            if checkpoint is not None and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, segment_ids)
+            else:
+                x = layer(x, cos, sin, segment_ids)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits [..., V] (generation, evaluation; training uses the loss kernel)."""
+        return F.linear(hidden, self.lm_head_weight)
+
+    def extra_repr(self) -> str:
+        return (f"causal={self.causal}, attention_kernel={self.attention_kernel!r}, "
+                f"loss_kernel={self.loss_kernel!r}, "
+                f"gradient_checkpointing={self.gradient_checkpointing}")
+
+
+def _checkpoint_fn(x: torch.Tensor):
+    """torch_xla's checkpoint on XLA tensors (it adds an optimization barrier so XLA cannot fuse
+    the recomputation away), torch's elsewhere."""
+    if x.device.type == "xla":
+        from torch_xla.utils.checkpoint import checkpoint
+
+        return lambda fn, *args: checkpoint(fn, *args, use_reentrant=True)
+    from torch.utils.checkpoint import checkpoint
+
+    return lambda fn, *args: checkpoint(fn, *args, use_reentrant=False)
+
+
+def _plain_config(value):
+    """Block-size configs (possibly OmegaConf nodes) as plain dicts/tuples of Python scalars; the
+    kernel call cache keys on their values, so they must be hashable leaves."""
+    if value is None:
+        return None
+    if hasattr(value, "items"):
+        items = {str(k): _plain_config(v) for k, v in value.items()}
+        return dict(sorted(items.items())) or None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return tuple(_plain_config(v) for v in value)
+    return value
