@@ -34,6 +34,25 @@ def build_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Opti
     raise ValueError(f"optimizer.type: unknown value {opt.type!r}; allowed: adamw, adafactor")
 
 
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create AdamW's state (zeros, step 0) up front, as its first step would.
+
+    torch.optim creates state lazily inside the first step, so that step traces a different graph from
+    every later one and torch_xla compiles twice; with the state present from the start, step 1 already
+    runs the steady-state graph. Other optimizers keep their lazy initialisation.
+    """
+    if not isinstance(optimizer, torch.optim.AdamW):
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.requires_grad and not optimizer.state[param]:
+                optimizer.state[param] = {
+                    "step": torch.zeros((), dtype=torch.float32, device=param.device),
+                    "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+                }
+
+
 def lr_multiplier(step: int, *, kind: str, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """Multiplier of the base learning rate for the update that follows `step` completed updates."""
     if warmup_steps > 0 and step < warmup_steps:

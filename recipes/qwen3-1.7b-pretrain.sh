@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Masked-diffusion continued pretraining of Qwen3-1.7B (the seed's `flex-qwen-1b` pretraining recipe, in our form).
+# Start from the autoregressive Hugging Face weights (INIT, a local directory or a pallas-dlm checkpoint) and adapt
+# them to bidirectional masked diffusion on plain text (DATASET: local files, a HF dataset name, or gs://...).
+# Mesh: ici_mesh.fsdp must equal the number of chips of the slice (e.g. 8 on a v5p-16 / v6e-8 host).
+set -euo pipefail
+: "${DATASET:?set DATASET to the pretraining text (folder, file, HF dataset name or gs:// path)}"
+CHIPS="${CHIPS:-8}"
+exec python -m train.run \
+  training_mode=pretrain data=pretrain model=flex-qwen-1b \
+  ${INIT:+init_from=$INIT} \
+  data.dataset_name="$DATASET" data.text_field="${TEXT_FIELD:-text}" data.block_size=2048 \
+  global_batch_size=256 max_steps=20000 \
+  optimizer.type=adafactor optimizer.learning_rate=3.0e-4 optimizer.weight_decay=0.0 \
+  lr_scheduler.type=cosine lr_scheduler.warmup_steps=1000 lr_scheduler.min_lr_ratio=0.1 \
+  diffusion.loss_norm=maskable diffusion.shift_logits=true \
+  ici_mesh.fsdp="$CHIPS" \
+  logging_steps=10 save_steps=1000 eval_steps=1000 \
+  output_dir="${OUTPUT_DIR:-outputs/qwen3-1.7b-pretrain}" \
+  "$@"

@@ -1,0 +1,125 @@
+"""End to end on the XLA CPU device: the trainer trains, logs, checkpoints, resumes exactly, starts from
+weights, compiles its step once, and runs from the command line on every data format."""
+
+import json
+
+import pytest
+
+from train import runtime
+from train.config import load_config
+from train.metrics import read_metrics
+from train.trainer import Trainer
+
+pytestmark = pytest.mark.slow
+
+# Small and fast: 4 rows of 64 tokens, one held-out batch.
+SMALL = ["global_batch_size=4", "data.block_size=64", "eval_max_batches=1", "logging_steps=1",
+         "lr_scheduler.warmup_steps=2"]
+
+
+def _cfg(tmp_path, name, *extra):
+    return load_config(SMALL + [f"output_dir={tmp_path / name}", *extra])
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+def test_sft_run_logs_checkpoints_and_plots(tmp_path):
+    result = Trainer(_cfg(tmp_path, "run", "max_steps=4"), log=_quiet).fit()
+    out = tmp_path / "run"
+    assert result.steps_done == 4 and sorted(result.step_losses) == [1, 2, 3, 4]
+    records = read_metrics(out / "metrics.jsonl")
+    train = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for key in ("train/loss", "train/ppl", "train/step_time", "train/lr", "train/grad_norm",
+                "train/loss_positions", "train/tokens_per_s"):
+        assert all(r[key] is not None and r[key] >= 0 for r in train), key
+    assert train[0]["train/lr"] < train[1]["train/lr"]  # warmup
+    assert result.initial_eval["eval/loss"] > 0 and result.final_eval["eval/loss"] > 0
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert list((out / "tensorboard").iterdir())
+    assert result.checkpoint.name == "step-00000004"
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000004"
+
+
+def test_resume_reproduces_the_unbroken_run(tmp_path):
+    unbroken = Trainer(_cfg(tmp_path, "a", "max_steps=6", "save_steps=3", "save_total_limit=null"),
+                       log=_quiet).fit()
+    ckpts = tmp_path / "a" / "checkpoints"
+    resumed = Trainer(_cfg(tmp_path, "b", "max_steps=6", f"checkpoint_dir={ckpts}", "resume_from_checkpoint=3"),
+                      log=_quiet).fit()
+    assert sorted(resumed.step_losses) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed.step_losses[step] == pytest.approx(unbroken.step_losses[step], rel=1e-6, abs=1e-7), step
+    assert resumed.final_eval["eval/loss"] == pytest.approx(unbroken.final_eval["eval/loss"], rel=1e-6)
+
+
+def test_init_from_takes_weights_only(tmp_path):
+    first = Trainer(_cfg(tmp_path, "a", "max_steps=3"), log=_quiet).fit()
+    second = Trainer(_cfg(tmp_path, "b", "max_steps=2", f"init_from={first.checkpoint}"), log=_quiet)
+    assert second.step == 0  # fresh step, schedule and optimizer
+    assert all(not v["exp_avg"].abs().sum().item() for v in second.optimizer.state.values())
+    result = second.fit()
+    # Same held-out batches and noise: the new run starts where the first one ended.
+    assert result.initial_eval["eval/loss"] == pytest.approx(first.final_eval["eval/loss"], rel=1e-6)
+    assert sorted(result.step_losses) == [1, 2]
+
+
+def test_step_compiles_once(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, "c", "max_steps=6"), log=_quiet)
+    counts = []
+    for _ in range(5):
+        trainer.train_step()
+        runtime.sync()
+        trainer.step += 1
+        counts.append(runtime.compile_count())
+    # AdamW's state exists before the first step, so every step runs the same compiled graph.
+    assert counts[0] == counts[1] == counts[2] == counts[3] == counts[4], counts
+
+
+@pytest.mark.parametrize("args", [
+    ["data.dataset_name=bundled:alpaca/train.json", "data.sft.format=alpaca"],
+    ["data.dataset_name=bundled:sharegpt/train.jsonl", "data.sft.format=sharegpt"],
+    ["data.dataset_name=bundled:messages/train.jsonl", "data.sft.format=messages"],
+    ["data=pretrain", "training_mode=pretrain"],
+], ids=["alpaca", "sharegpt", "messages", "pretrain"])
+def test_command_line_trains_each_format(tmp_path, capsys, args):
+    from train.run import main
+
+    assert main(SMALL + args + ["model=qwen3-tiny", "max_steps=2", f"output_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 2 steps" in out and "held-out loss:" in out
+    assert (tmp_path / "checkpoints" / "step-00000002" / "model.safetensors").is_file()
+
+
+def test_command_line_custom_format_from_a_user_file(tmp_path, capsys):
+    from train.run import main
+
+    rows = [{"question": f"Reverse: {w}", "answer": w[::-1]} for w in ("abc", "hello", "pallas", "xyz", "torch")]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows * 8) + "\n")
+    args = [f"data.dataset_name={path}", "data.sft.format=custom", "data.sft.custom_format.instruction_field=question",
+            "data.sft.custom_format.response_field=answer", "data.eval_examples=4"]
+    assert main(SMALL + args + ["max_steps=2", f"output_dir={tmp_path / 'out'}"]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+
+
+def test_malformed_file_fails_with_one_line_naming_file_record_field(tmp_path, capsys):
+    from train.run import main
+
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps({"instruction": "Reverse: abc", "output": "cba"}) + "\n"
+                    + json.dumps({"instruction": "Reverse: xy"}) + "\n")
+    assert main([f"data.dataset_name={path}", "data.sft.format=alpaca", f"output_dir={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+    assert "broken.jsonl" in err and "line 2" in err and "output" in err
+
+
+def test_invalid_config_value_fails_with_one_line(capsys):
+    from train.run import main
+
+    assert main(["training_mode=finetune"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: training_mode: unknown value 'finetune'; allowed: sft, pretrain"

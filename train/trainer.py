@@ -1,0 +1,314 @@
+"""The training loop: build tokenizer, model, data, optimizer; run compiled steps; evaluate; checkpoint.
+
+One optimizer step = `gradient_accumulation_steps` micro-batches of forward + backward, gradient clipping,
+the optimizer update, then one `sync()`: torch_xla compiles that graph once per shape and reuses it.
+Noise (t and the masking uniforms) for micro-step m of step s is drawn on the host from a generator seeded
+by (seed, s, m), so a resumed run draws exactly what an unbroken run would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from train import checkpoint as ckpt
+from train import runtime
+from train.config import check_batch_and_mesh, checkpoint_dir
+from train.metrics import MetricsLogger, plot_loss_curve
+from train.optim import build_optimizer, build_scheduler, init_optimizer_state
+
+EVAL_T_GRID = 8          # held-out loss: midpoint quadrature over t in (eps, 1) with this many points
+EVAL_NOISE_SEED = 20251  # fixed, so held-out losses are comparable across runs and checkpoints
+
+
+def default_tokenizer_name(preset: str) -> str:
+    # A 151,936-row head is too slow to learn on a CPU in minutes; the tiny preset pairs with the
+    # byte-level tokenizer, which keeps Qwen3's chat special tokens.
+    return "byte" if preset == "qwen3-tiny" else "qwen3"
+
+
+def build_tokenizer(cfg: DictConfig):
+    from data import load_tokenizer
+
+    return load_tokenizer(cfg.tokenizer_name or default_tokenizer_name(cfg.model.preset))
+
+
+def model_config(cfg: DictConfig, tokenizer):
+    import dataclasses
+
+    from model.config import get_preset
+
+    config = get_preset(cfg.model.preset)
+    vocab = cfg.model.vocab_size or config.vocab_size or tokenizer.vocab_size
+    if vocab < tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size: {vocab} rows cannot hold tokenizer '{tokenizer.name}' "
+                         f"({tokenizer.vocab_size} ids)")
+    return dataclasses.replace(config, vocab_size=int(vocab))
+
+
+def _plain(node):
+    return OmegaConf.to_container(node) if node else None
+
+
+def build_model(cfg: DictConfig, tokenizer, device: torch.device | None = None) -> torch.nn.Module:
+    from model.qwen3 import Qwen3ForDiffusionLM
+
+    torch.manual_seed(int(cfg.seed))  # weights are initialised on the host, identically on every rank
+    model = Qwen3ForDiffusionLM(
+        model_config(cfg, tokenizer),
+        causal=bool(cfg.model.causal),
+        attention_kernel=cfg.model.attention_kernel,
+        loss_kernel=cfg.model.loss_kernel,
+        attention_kernel_config=_plain(cfg.model.attention_kernel_config),
+        loss_kernel_config=_plain(cfg.model.loss_kernel_config),
+    )
+    return model.to(device) if device is not None else model
+
+
+def diffusion_config(cfg: DictConfig, tokenizer):
+    from model.diffusion import DiffusionConfig
+
+    d = cfg.diffusion
+    return DiffusionConfig(
+        mask_token_id=int(d.mask_token_id if d.mask_token_id is not None else tokenizer.mask_id),
+        sampling_eps=float(d.sampling_eps),
+        antithetic=bool(d.antithetic),
+        loss_norm=str(d.loss_norm),
+        shift_logits=bool(d.shift_logits),
+    )
+
+
+def noise_generator(*keys: int) -> torch.Generator:
+    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+def batch_to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
+
+
+def non_padding_tokens(batch: dict[str, np.ndarray]) -> int:
+    return int((batch["segment_ids"] > 0).sum())
+
+
+def autocast_context(cfg: DictConfig):
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if runtime.is_tpu() else "fp32"
+    if precision == "bf16":
+        return torch.autocast("xla", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def heldout_loss(model, eval_batches, diff_cfg, device, *, autocast=contextlib.nullcontext) -> dict[str, float]:
+    """The training objective on held-out batches at a fixed grid of t, with fixed noise.
+
+    eval/loss is the mean over batches and t of the loss as trained (1/t weights, `loss_norm`), a
+    deterministic quadrature of the expected training loss; eval/masked_ce is the plain cross-entropy per
+    masked token over the same draws.
+    """
+    from model.diffusion import diffusion_loss
+
+    if not eval_batches:
+        return {}
+    eps = diff_cfg.sampling_eps
+    grid = [eps + (1.0 - eps) * (j + 0.5) / EVAL_T_GRID for j in range(EVAL_T_GRID)]
+    losses, ce_sums, counts = [], [], []
+    for b, batch in enumerate(eval_batches):
+        dev_batch = batch_to_device(batch, device)
+        rows, length = batch["input_ids"].shape
+        for j, t_value in enumerate(grid):
+            gen = noise_generator(EVAL_NOISE_SEED, b, j)
+            u = torch.rand(rows, length, generator=gen)
+            t = torch.full((rows,), t_value)
+            with autocast():
+                loss, stats = diffusion_loss(model, dev_batch, t.to(device), u.to(device), diff_cfg)
+            losses.append(loss)
+            ce_sums.append(stats["loss_sum"] * t_value)  # t is constant here: undo the 1/t weight
+            counts.append(stats["num_loss_positions"])
+        runtime.sync()
+    loss = torch.stack(losses).float().mean().item()
+    count = torch.stack(counts).float().sum().item()
+    ce = torch.stack(ce_sums).float().sum().item() / max(count, 1.0)
+    return {"eval/loss": loss, "eval/masked_ce": ce, "eval/loss_positions": count}
+
+
+@dataclass
+class RunResult:
+    steps_done: int
+    initial_eval: dict = field(default_factory=dict)
+    final_eval: dict = field(default_factory=dict)
+    train_seconds: float = 0.0
+    total_seconds: float = 0.0
+    step_losses: dict[int, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    output_dir: Path | None = None
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, *, log=print):
+        from data import build_batch_stream, build_eval_batches
+
+        self.cfg = cfg
+        self.log = log
+        self.device = runtime.xla_device()
+        self.micro_rows = check_batch_and_mesh(cfg, runtime.device_count())
+        self.tokenizer = build_tokenizer(cfg)
+        self.diff_cfg = diffusion_config(cfg, self.tokenizer)
+        self.model = build_model(cfg, self.tokenizer, self.device)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.stream = build_batch_stream(cfg.data, self.tokenizer, training_mode=cfg.training_mode,
+                                         batch_size=self.micro_rows, seed=int(cfg.seed))
+        self.eval_batches = build_eval_batches(cfg.data, self.tokenizer, training_mode=cfg.training_mode,
+                                               batch_size=self.micro_rows)
+        if cfg.eval_max_batches is not None:
+            self.eval_batches = self.eval_batches[: int(cfg.eval_max_batches)]
+        self.step = 0
+        self.ckpt_dir = checkpoint_dir(cfg)
+        self._restore()
+
+    # ---- start-up -------------------------------------------------------------------------------
+    def _restore(self) -> None:
+        cfg = self.cfg
+        if cfg.init_from:
+            loaded = ckpt.load_checkpoint(cfg.init_from, with_optimizer=False)
+            ckpt.load_model_weights(self.model, loaded.model_state, str(loaded.path))
+            self.log(f"init_from: weights of {loaded.path} (step {loaded.step}); fresh optimizer, schedule, step")
+        elif cfg.resume_from_checkpoint is not None:
+            path = ckpt.resolve_checkpoint(self.ckpt_dir, cfg.resume_from_checkpoint)
+            loaded = ckpt.load_checkpoint(path)
+            ckpt.load_model_weights(self.model, loaded.model_state, str(path))
+            if loaded.optimizer_state is not None:
+                self.optimizer.load_state_dict(loaded.optimizer_state)
+            self.scheduler.load_state_dict(loaded.trainer_state["scheduler"])
+            self.stream.load_state_dict(loaded.trainer_state["data"])
+            self.step = loaded.step
+            self.log(f"resumed from {path} at step {self.step}")
+        init_optimizer_state(self.optimizer)  # after a resume this finds the loaded state and does nothing
+        runtime.sync()  # materialise weights and state as device data, so they are inputs of the step graph
+
+    def _trainer_state(self) -> dict:
+        return {
+            "scheduler": self.scheduler.state_dict(),  # JSON-safe: our lr lambdas are plain functions (saved as None)
+            "data": self.stream.state_dict(),
+            "rng": {"seed": int(self.cfg.seed),
+                    "noise": "t and masking uniforms drawn from SeedSequence([seed, step, micro_step])"},
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
+                                    self._trainer_state(), keep=self.cfg.save_total_limit)
+
+    # ---- one optimizer step --------------------------------------------------------------------
+    def train_step(self) -> tuple[dict[str, torch.Tensor], int]:
+        """Run step `self.step` (not yet synchronised); returns device stats and host token count."""
+        from model.diffusion import draw_noise, diffusion_loss
+
+        cfg, accum = self.cfg, int(self.cfg.gradient_accumulation_steps)
+        self.model.train()
+        loss_total, positions, tokens = 0.0, 0.0, 0
+        for micro in range(accum):
+            batch = next(self.stream)
+            tokens += non_padding_tokens(batch)
+            rows, length = batch["input_ids"].shape
+            t, u = draw_noise(rows, length, noise_generator(cfg.seed, self.step, micro),
+                              sampling_eps=self.diff_cfg.sampling_eps, antithetic=self.diff_cfg.antithetic)
+            with autocast_context(cfg):
+                loss, stats = diffusion_loss(self.model, batch_to_device(batch, self.device),
+                                             t.to(self.device), u.to(self.device), self.diff_cfg)
+            (loss / accum).backward()
+            loss_total = loss_total + loss.detach() / accum
+            positions = positions + stats["num_loss_positions"]
+        if cfg.max_grad_norm:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(cfg.max_grad_norm))
+        else:
+            grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.model.parameters()
+                                       if p.grad is not None))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_total, "grad_norm": grad_norm, "loss_positions": positions}, tokens
+
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        result = heldout_loss(self.model, self.eval_batches, self.diff_cfg, self.device,
+                              autocast=lambda: autocast_context(self.cfg))
+        self.model.train()
+        return result
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def fit(self) -> RunResult:
+        cfg = self.cfg
+        start = time.perf_counter()
+        out = Path(cfg.output_dir)
+        metrics = MetricsLogger(str(out), cfg, append=self.step > 0)
+        self.log(self.stream.format_summary())
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.log(f"model {cfg.model.preset}: {n_params / 1e6:.2f}M parameters, vocab {self.model.config.vocab_size}, "
+                 f"tokenizer {self.tokenizer.name}, device {runtime.device_kind()}, "
+                 f"{cfg.global_batch_size} rows x {cfg.data.block_size} tokens per step")
+        result = RunResult(steps_done=self.step, output_dir=out)
+        result.initial_eval = self.evaluate()
+        if result.initial_eval:
+            metrics.log(self.step, result.initial_eval)
+            self.log(f"held-out loss before training: {result.initial_eval['eval/loss']:.4f} "
+                     f"(masked-token CE {result.initial_eval['eval/masked_ce']:.4f})")
+
+        pending: list[tuple[int, dict[str, torch.Tensor], int]] = []
+        window_start, train_start = time.perf_counter(), time.perf_counter()
+        bar = tqdm(total=int(cfg.max_steps), initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=None)
+        while self.step < cfg.max_steps:
+            lr = self.scheduler.get_last_lr()[0]
+            stats, tokens = self.train_step()
+            runtime.sync()
+            self.step += 1
+            pending.append((self.step, stats, tokens))
+            bar.update(1)
+            last = self.step == cfg.max_steps
+            if self.step % cfg.logging_steps == 0 or last:
+                values = [(s, {k: v.item() for k, v in st.items()}, tok) for s, st, tok in pending]
+                elapsed = time.perf_counter() - window_start
+                n_tokens = sum(tok for _, _, tok in values)
+                loss = float(np.mean([v["loss"] for _, v, _ in values]))
+                record = {
+                    "train/loss": loss,
+                    "train/ppl": math.exp(min(loss, 50.0)),
+                    "train/lr": lr,
+                    "train/grad_norm": values[-1][1]["grad_norm"],
+                    "train/loss_positions": float(np.mean([v["loss_positions"] for _, v, _ in values])),
+                    "train/step_time": elapsed / len(values),
+                    "train/tokens_per_s": n_tokens / max(elapsed, 1e-9),
+                }
+                for s, v, _ in values:
+                    result.step_losses[s] = v["loss"]
+                metrics.log(self.step, record)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['train/tokens_per_s']:.0f}")
+                pending.clear()
+                window_start = time.perf_counter()
+            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and not last:
+                metrics.log(self.step, self.evaluate())
+            if cfg.save_steps and self.step % cfg.save_steps == 0 and not last:
+                self.save()
+        bar.close()
+        result.train_seconds = time.perf_counter() - train_start
+        result.final_eval = self.evaluate()
+        if result.final_eval:
+            metrics.log(self.step, result.final_eval)
+        result.checkpoint = self.save()
+        result.steps_done = self.step
+        metrics.close()
+        plot_loss_curve(metrics.jsonl_path, out / "loss_curve.png")
+        result.total_seconds = time.perf_counter() - start
+        return result
