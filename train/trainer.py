@@ -41,12 +41,67 @@ def build_tokenizer(cfg: DictConfig):
     return load_tokenizer(cfg.tokenizer_name or default_tokenizer_name(cfg.model.preset))
 
 
+# Fields that change what a loaded model computes; an explicitly chosen preset must match them.
+# (max_position_embeddings and initializer_range do not: RoPE is computed per position, weights are loaded.)
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings")
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def hf_init_dir(cfg: DictConfig) -> Path | None:
+    """`init_from` when it names a Hugging Face model directory (config.json, no trainer_state.json)."""
+    from model.hf import is_hf_model_dir
+
+    return Path(cfg.init_from).resolve() if cfg.init_from and is_hf_model_dir(cfg.init_from) else None
+
+
+def resolve_hf_init(cfg: DictConfig, log=print) -> None:
+    """init_from=<Hugging Face dir>: the architecture comes from its config.json and the tokenizer from the
+    directory (else qwen3). Both are written into `cfg` (model.architecture, tokenizer_name), so checkpoints,
+    generation and export rebuild the same model. A preset given explicitly on the command line must agree."""
+    import dataclasses
+
+    from omegaconf import open_dict
+
+    from model.config import get_preset
+    from model.hf import HFCheckpointError, read_hf_config
+    from train.config import ConfigError
+
+    root = hf_init_dir(cfg)
+    if root is None:
+        return
+    try:
+        config, _ = read_hf_config(root)
+    except HFCheckpointError as err:
+        raise ckpt.CheckpointError(f"init_from: {err}") from None
+    if cfg.model.get("preset_explicit"):
+        preset = get_preset(cfg.model.preset)
+        differ = [f"{name} {getattr(preset, name)} vs {getattr(config, name)}" for name in ARCHITECTURE_FIELDS
+                  if getattr(preset, name) is not None and getattr(preset, name) != getattr(config, name)]
+        if differ:
+            raise ConfigError(f"model={cfg.model.preset} disagrees with {root / 'config.json'}: {'; '.join(differ)} "
+                              f"(drop model= to take the architecture from init_from)")
+    with open_dict(cfg):
+        cfg.model.architecture = dataclasses.asdict(config)
+        if not cfg.tokenizer_name:
+            has_own = any((root / f).is_file() for f in HF_TOKENIZER_FILES)
+            cfg.tokenizer_name = str(root) if has_own else "qwen3"
+    log(f"init_from: Hugging Face Qwen3 directory {root}: {config.num_hidden_layers} layers x {config.hidden_size}, "
+        f"vocab {config.vocab_size}, {'tied' if config.tie_word_embeddings else 'untied'} head; "
+        f"tokenizer {cfg.tokenizer_name}")
+
+
 def model_config(cfg: DictConfig, tokenizer):
     import dataclasses
 
-    from model.config import get_preset
+    from model.config import Qwen3Config, get_preset
 
-    config = get_preset(cfg.model.preset)
+    # model.architecture: recorded by resolve_hf_init from a Hugging Face config.json; wins over the preset.
+    architecture = cfg.model.get("architecture")
+    config = Qwen3Config(**architecture) if architecture else get_preset(cfg.model.preset)
+    if architecture and cfg.model.vocab_size and cfg.model.vocab_size != config.vocab_size:
+        raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} differs from the {config.vocab_size} rows "
+                         f"of init_from's config.json; resizing loaded embeddings is not supported")
     vocab = cfg.model.vocab_size or config.vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size: {vocab} rows cannot hold tokenizer '{tokenizer.name}' "
@@ -162,6 +217,7 @@ class Trainer:
         self.log = log
         self.device = runtime.xla_device()
         self.micro_rows = check_batch_and_mesh(cfg, runtime.device_count())
+        resolve_hf_init(cfg, log)  # init_from=<HF dir>: architecture and tokenizer from the directory
         self.tokenizer = build_tokenizer(cfg)
         self.diff_cfg = diffusion_config(cfg, self.tokenizer)
         self.model = build_model(cfg, self.tokenizer, self.device)
@@ -180,7 +236,9 @@ class Trainer:
     # ---- start-up -------------------------------------------------------------------------------
     def _restore(self) -> None:
         cfg = self.cfg
-        if cfg.init_from:
+        if cfg.init_from and hf_init_dir(cfg) is not None:
+            self._load_hf_weights(hf_init_dir(cfg))
+        elif cfg.init_from:
             loaded = ckpt.load_checkpoint(cfg.init_from, with_optimizer=False)
             ckpt.load_model_weights(self.model, loaded.model_state, str(loaded.path))
             self.log(f"init_from: weights of {loaded.path} (step {loaded.step}); fresh optimizer, schedule, step")
@@ -196,6 +254,30 @@ class Trainer:
             self.log(f"resumed from {path} at step {self.step}")
         init_optimizer_state(self.optimizer)  # after a resume this finds the loaded state and does nothing
         runtime.sync()  # materialise weights and state as device data, so they are inputs of the step graph
+
+    def _load_hf_weights(self, root: Path) -> None:
+        """Weights of a Hugging Face Qwen3 directory (safetensors only), checked tensor by tensor."""
+        from model.hf import HFCheckpointError, load_hf_state_dict, read_hf_config
+
+        config, mask = self.model.config, self.diff_cfg.mask_token_id
+        if not 0 <= mask < config.vocab_size:
+            raise ckpt.CheckpointError(f"init_from: mask token id {mask} lies outside the {config.vocab_size}-row "
+                                       f"vocabulary of {root / 'config.json'}; resizing is not supported")
+        try:
+            state = load_hf_state_dict(root, config)
+            _, raw = read_hf_config(root)
+        except HFCheckpointError as err:
+            raise ckpt.CheckpointError(f"init_from: {err}") from None
+        stored = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
+        ckpt.load_model_weights(self.model, state, str(root))
+        self.log(f"init_from: {len(state)} tensors ({'/'.join(stored)}) from {root}; fresh optimizer, schedule, step")
+        self.log(f"init_from: mask token id {mask} lies inside the {config.vocab_size}-row vocabulary: no resize, "
+                 f"its embedding row is used as loaded")
+        # An earlier export records the diffusion settings it was trained with; say so when this run differs.
+        for key, ours in (("mask_token_id", mask), ("shift_logits", self.diff_cfg.shift_logits)):
+            if key in raw and raw[key] != ours:
+                self.log(f"init_from: warning: {root / 'config.json'} was trained with {key}={raw[key]!r}, "
+                         f"this run uses {ours!r}")
 
     def _trainer_state(self) -> dict:
         return {
@@ -295,6 +377,10 @@ class Trainer:
                     result.step_losses[s] = v["loss"]
                 metrics.log(self.step, record)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['train/tokens_per_s']:.0f}")
+                if bar.disable:  # no terminal (CI, a log file): a plain line per logging step instead
+                    self.log(f"step {self.step}/{cfg.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
+                             f"grad_norm {record['train/grad_norm']:.3f}  step_time {record['train/step_time']:.3f}s  "
+                             f"tokens/s {record['train/tokens_per_s']:.0f}")
                 pending.clear()
                 window_start = time.perf_counter()
             if cfg.eval_steps and self.step % cfg.eval_steps == 0 and not last:
