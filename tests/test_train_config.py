@@ -88,3 +88,26 @@ def test_lr_schedules_warm_up_then_decay_to_floor():
     assert lr_multiplier(60, kind="linear", **kw) == pytest.approx(0.55)
     assert lr_multiplier(109, kind="linear", **kw) == pytest.approx(0.109)
     assert lr_multiplier(500, kind="constant", **kw) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adafactor"])
+def test_optimizers_reduce_a_simple_loss_and_skip_decay_on_norms(kind):
+    import torch
+
+    from train.optim import build_optimizer
+
+    cfg = load_config([f"optimizer.type={kind}", "optimizer.learning_rate=0.05"])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
+    opt = build_optimizer(model, cfg)
+    assert [g["weight_decay"] for g in opt.param_groups] == [cfg.optimizer.weight_decay, 0.0]
+    assert len(opt.param_groups[1]["params"]) == 4  # biases and the norm's scale and shift
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < 0.7 * losses[0]

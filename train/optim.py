@@ -27,8 +27,9 @@ def build_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Opti
         beta1, beta2 = (float(b) for b in opt.betas)
         # capturable keeps the step counter on the device (no host read per parameter on XLA);
         # foreach=False keeps the update as plain per-tensor ops, which torch_xla traces into the step graph.
+        on_device = next(model.parameters()).device.type != "cpu"  # capturable is refused on CPU tensors
         return torch.optim.AdamW(groups, lr=float(opt.learning_rate), betas=(beta1, beta2),
-                                 eps=float(opt.eps), foreach=False, capturable=True)
+                                 eps=float(opt.eps), foreach=False, capturable=on_device)
     if opt.type == "adafactor":
         return torch.optim.Adafactor(groups, lr=float(opt.learning_rate), foreach=False)
     raise ValueError(f"optimizer.type: unknown value {opt.type!r}; allowed: adamw, adafactor")

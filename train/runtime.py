@@ -7,12 +7,16 @@ torch_xla must be imported and its device created before any CPU autograd runs i
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
 
 # The CPU PJRT client is what runs here; on a TPU VM the environment (or libtpu) selects TPU.
 os.environ.setdefault("PJRT_DEVICE", "CPU")
+# torchax imports flax/orbax, which warn through absl that TensorFlow is missing and "gs:// paths cannot
+# be accessed"; that concerns their own file layer, not ours (data/ reads gs:// through fsspec).
+logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 @functools.lru_cache(maxsize=None)
