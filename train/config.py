@@ -58,6 +58,13 @@ def load_config(overrides: Sequence[str] = ()) -> DictConfig:
     finally:
         GlobalHydra.instance().clear()
     validate(cfg)
+    # Whether the user chose the preset (model=... or model.preset=...) or got the default: init_from=<HF dir>
+    # takes the architecture from the directory and only checks it against a preset chosen explicitly.
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.model.preset_explicit = any(item.split("=", 1)[0].lstrip("+~") in ("model", "model.preset")
+                                        for item in overrides)
     return cfg
 
 
