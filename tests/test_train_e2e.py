@@ -12,9 +12,9 @@ from train.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 
-# Small and fast: 4 rows of 64 tokens, one held-out batch.
+# Small and fast: 4 rows of 64 tokens, one held-out batch, no generation (tests/test_evaluate.py covers it).
 SMALL = ["global_batch_size=4", "data.block_size=64", "eval_max_batches=1", "logging_steps=1",
-         "lr_scheduler.warmup_steps=2"]
+         "lr_scheduler.warmup_steps=2", "generation.eval_exact_match_examples=0"]
 
 
 def _cfg(tmp_path, name, *extra):
@@ -123,3 +123,20 @@ def test_invalid_config_value_fails_with_one_line(capsys):
     assert main(["training_mode=finetune"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: training_mode: unknown value 'finetune'; allowed: sft, pretrain"
+
+
+def test_gradient_accumulation_matches_one_larger_batch(tmp_path):
+    # loss_norm=batch divides every micro-batch by the same B*L, so two accumulated halves must give
+    # the loss and gradient of the whole batch: same rows, same noise (drawn per step, then sliced).
+    stats = {}
+    for accum in (1, 2):
+        trainer = Trainer(_cfg(tmp_path, f"acc{accum}", "max_steps=1", f"gradient_accumulation_steps={accum}",
+                               "diffusion.loss_norm=batch"), log=_quiet)
+        out, tokens = trainer.train_step()
+        runtime.sync()
+        stats[accum] = ({k: v.item() for k, v in out.items()}, tokens)
+    (one, tokens_one), (two, tokens_two) = stats[1], stats[2]
+    assert tokens_one == tokens_two
+    assert two["loss_positions"] == one["loss_positions"]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)

@@ -2,8 +2,8 @@
 
 One optimizer step = `gradient_accumulation_steps` micro-batches of forward + backward, gradient clipping,
 the optimizer update, then one `sync()`: torch_xla compiles that graph once per shape and reuses it.
-Noise (t and the masking uniforms) for micro-step m of step s is drawn on the host from a generator seeded
-by (seed, s, m), so a resumed run draws exactly what an unbroken run would have.
+Noise (t and the masking uniforms) for step s is drawn on the host from a generator seeded by (seed, s),
+so a resumed run draws exactly what an unbroken run would have.
 """
 
 from __future__ import annotations
@@ -49,45 +49,87 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.mode
 
 
 def hf_init_dir(cfg: DictConfig) -> Path | None:
-    """`init_from` when it names a Hugging Face model directory (config.json, no trainer_state.json)."""
+    """`init_from` when it names a Hugging Face model directory (config.json; not one of our checkpoints)."""
     from model.hf import is_hf_model_dir
 
     return Path(cfg.init_from).resolve() if cfg.init_from and is_hf_model_dir(cfg.init_from) else None
 
 
+def _check_explicit_preset(cfg: DictConfig, config, source: str) -> None:
+    """A preset chosen on the command line must describe the same model as `source`."""
+    from model.config import get_preset
+    from train.config import ConfigError
+
+    if not cfg.model.get("preset_explicit"):
+        return
+    preset = get_preset(cfg.model.preset)
+    differ = [f"{name} {getattr(preset, name)} vs {getattr(config, name)}" for name in ARCHITECTURE_FIELDS
+              if getattr(preset, name) is not None and getattr(preset, name) != getattr(config, name)]
+    if differ:
+        raise ConfigError(f"model={cfg.model.preset} disagrees with {source}: {'; '.join(differ)} "
+                          f"(drop model= to take the architecture from there)")
+
+
+def _recorded_run(cfg: DictConfig) -> tuple[Path, dict] | None:
+    """(checkpoint, its saved config) when init_from or resume_from_checkpoint names one of our checkpoints
+    whose run recorded a Hugging Face architecture; None otherwise (or when there is no such checkpoint yet:
+    _restore reports that)."""
+    import json
+
+    try:
+        if cfg.init_from:
+            path = Path(cfg.init_from)
+        elif cfg.resume_from_checkpoint is not None:
+            path = ckpt.resolve_checkpoint(checkpoint_dir(cfg), cfg.resume_from_checkpoint)
+        else:
+            return None
+        saved = json.loads((path / ckpt.STATE_FILE).read_text()).get("config") or {}
+    except (OSError, ValueError, ckpt.CheckpointError):
+        return None
+    return (path, saved) if (saved.get("model") or {}).get("architecture") else None
+
+
 def resolve_hf_init(cfg: DictConfig, log=print) -> None:
-    """init_from=<Hugging Face dir>: the architecture comes from its config.json and the tokenizer from the
-    directory (else qwen3). Both are written into `cfg` (model.architecture, tokenizer_name), so checkpoints,
-    generation and export rebuild the same model. A preset given explicitly on the command line must agree."""
+    """Take the architecture (and by default the tokenizer) from where the weights come from, when that is
+    not a preset: init_from=<Hugging Face dir> (its config.json; the tokenizer is the directory's, else
+    qwen3), or a checkpoint, to start from or resume, of a run that began that way (what it recorded).
+    Both are written into `cfg` (model.architecture, tokenizer_name), so checkpoints, generation and export
+    rebuild the same model. A preset given explicitly on the command line must agree."""
     import dataclasses
 
     from omegaconf import open_dict
 
-    from model.config import get_preset
-    from model.hf import HFCheckpointError, read_hf_config
-    from train.config import ConfigError
+    from model.config import Qwen3Config
+    from model.hf import HFCheckpointError, check_hf_dir, read_hf_config
 
+    if cfg.init_from and not Path(cfg.init_from).is_dir():
+        raise ckpt.CheckpointError(f"init_from: {cfg.init_from} is not a directory (expected a pallas-dlm checkpoint "
+                                   f"or a Hugging Face model directory; download Hub models first, e.g. "
+                                   f"huggingface-cli download Qwen/Qwen3-1.7B --local-dir DIR)")
     root = hf_init_dir(cfg)
     if root is None:
-        return
-    try:
-        config, _ = read_hf_config(root)
-    except HFCheckpointError as err:
-        raise ckpt.CheckpointError(f"init_from: {err}") from None
-    if cfg.model.get("preset_explicit"):
-        preset = get_preset(cfg.model.preset)
-        differ = [f"{name} {getattr(preset, name)} vs {getattr(config, name)}" for name in ARCHITECTURE_FIELDS
-                  if getattr(preset, name) is not None and getattr(preset, name) != getattr(config, name)]
-        if differ:
-            raise ConfigError(f"model={cfg.model.preset} disagrees with {root / 'config.json'}: {'; '.join(differ)} "
-                              f"(drop model= to take the architecture from init_from)")
+        recorded = _recorded_run(cfg)
+        if recorded is None:
+            return
+        path, saved = recorded
+        config = Qwen3Config(**saved["model"]["architecture"])
+        _check_explicit_preset(cfg, config, str(path / ckpt.STATE_FILE))
+        tokenizer = saved.get("tokenizer_name")
+        source = f"checkpoint {path}"
+    else:
+        try:
+            config, _ = read_hf_config(root)
+            _check_explicit_preset(cfg, config, str(root / "config.json"))
+            check_hf_dir(root, config)  # shards, names, shapes, dtypes from the headers, before anything is built
+        except HFCheckpointError as err:
+            raise ckpt.CheckpointError(f"init_from: {err}") from None
+        tokenizer = str(root) if any((root / f).is_file() for f in HF_TOKENIZER_FILES) else "qwen3"
+        source = f"Hugging Face Qwen3 directory {root}"
     with open_dict(cfg):
         cfg.model.architecture = dataclasses.asdict(config)
-        if not cfg.tokenizer_name:
-            has_own = any((root / f).is_file() for f in HF_TOKENIZER_FILES)
-            cfg.tokenizer_name = str(root) if has_own else "qwen3"
-    log(f"init_from: Hugging Face Qwen3 directory {root}: {config.num_hidden_layers} layers x {config.hidden_size}, "
-        f"vocab {config.vocab_size}, {'tied' if config.tie_word_embeddings else 'untied'} head; "
+        cfg.tokenizer_name = cfg.tokenizer_name or tokenizer or "qwen3"
+    log(f"architecture from {source}: {config.num_hidden_layers} layers x {config.hidden_size}, vocab "
+        f"{config.vocab_size}, {'tied' if config.tie_word_embeddings else 'untied'} head; "
         f"tokenizer {cfg.tokenizer_name}")
 
 
@@ -104,8 +146,10 @@ def model_config(cfg: DictConfig, tokenizer):
                          f"of init_from's config.json; resizing loaded embeddings is not supported")
     vocab = cfg.model.vocab_size or config.vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
-        raise ValueError(f"model.vocab_size: {vocab} rows cannot hold tokenizer '{tokenizer.name}' "
-                         f"({tokenizer.vocab_size} ids)")
+        from train.config import ConfigError
+
+        raise ConfigError(f"model.vocab_size: {vocab} rows cannot hold tokenizer '{tokenizer.name}' "
+                          f"({tokenizer.vocab_size} ids)")
     return dataclasses.replace(config, vocab_size=int(vocab))
 
 
@@ -229,6 +273,7 @@ class Trainer:
                                                batch_size=self.micro_rows)
         if cfg.eval_max_batches is not None:
             self.eval_batches = self.eval_batches[: int(cfg.eval_max_batches)]
+        self._setup_exact_match()
         self.step = 0
         self.ckpt_dir = checkpoint_dir(cfg)
         self._restore()
@@ -284,7 +329,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),  # JSON-safe: our lr lambdas are plain functions (saved as None)
             "data": self.stream.state_dict(),
             "rng": {"seed": int(self.cfg.seed),
-                    "noise": "t and masking uniforms drawn from SeedSequence([seed, step, micro_step])"},
+                    "noise": "t and masking uniforms of each step drawn from SeedSequence([seed, step])"},
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
@@ -299,13 +344,16 @@ class Trainer:
 
         cfg, accum = self.cfg, int(self.cfg.gradient_accumulation_steps)
         self.model.train()
+        # Noise for the step's whole batch, then one slice per micro-batch: accumulating k micro-batches
+        # sees the same rows and the same noise as one batch k times larger.
+        rows, length = self.micro_rows, int(cfg.data.block_size)
+        t_all, u_all = draw_noise(rows * accum, length, noise_generator(cfg.seed, self.step),
+                                  sampling_eps=self.diff_cfg.sampling_eps, antithetic=self.diff_cfg.antithetic)
         loss_total, positions, tokens = 0.0, 0.0, 0
         for micro in range(accum):
             batch = next(self.stream)
             tokens += non_padding_tokens(batch)
-            rows, length = batch["input_ids"].shape
-            t, u = draw_noise(rows, length, noise_generator(cfg.seed, self.step, micro),
-                              sampling_eps=self.diff_cfg.sampling_eps, antithetic=self.diff_cfg.antithetic)
+            t, u = t_all[micro * rows:(micro + 1) * rows], u_all[micro * rows:(micro + 1) * rows]
             with autocast_context(cfg):
                 loss, stats = diffusion_loss(self.model, batch_to_device(batch, self.device),
                                              t.to(self.device), u.to(self.device), self.diff_cfg)
@@ -322,12 +370,45 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_total, "grad_norm": grad_norm, "loss_positions": positions}, tokens
 
+    def _setup_exact_match(self) -> None:
+        """Sampler settings (checked now, so a bad generation.* key fails before training) and the
+        held-out examples scored by exact match (generation.eval_exact_match_examples; 0 = off)."""
+        from data import load_eval_examples
+        from train.generate import GenerationConfig
+
+        gen = self.cfg.get("generation")
+        self.gen_cfg = GenerationConfig.from_config(gen)
+        n = int(gen.get("eval_exact_match_examples") or 0) if gen is not None else 0
+        self.em_examples = (load_eval_examples(self.cfg.data, self.tokenizer, max_examples=n,
+                                               training_mode=self.cfg.training_mode) if n > 0 else [])
+        self.generations: list[tuple[str, str, str]] = []  # (prompt, answer, reference) of the last evaluation
+
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
         result = heldout_loss(self.model, self.eval_batches, self.diff_cfg, self.device,
                               autocast=lambda: autocast_context(self.cfg))
+        if self.em_examples:
+            from train.evaluate import exact_match
+
+            # every call pads to the same shape: one compiled sampler step for the whole run
+            result["eval/exact_match"], self.generations = exact_match(
+                self.model, self.tokenizer, self.em_examples, self.gen_cfg, self.device,
+                diffusion=self.diff_cfg, autocast=lambda: autocast_context(self.cfg))
         self.model.train()
         return result
+
+    def _report_exact_match(self, before: dict, after: dict) -> None:
+        """Held-out exact match before -> after, and a few answers next to their references."""
+        from train.evaluate import format_examples
+
+        if "eval/exact_match" not in after:
+            return
+        first = f"{before['eval/exact_match']:.1%} -> " if "eval/exact_match" in before else ""
+        self.log(f"held-out exact match: {first}{after['eval/exact_match']:.1%} "
+                 f"({len(self.em_examples)} examples; sampler: {self.gen_cfg.describe()})")
+        show = int(self.cfg.generation.get("eval_show_examples", 5) or 0)
+        for line in format_examples(self.generations, show):
+            self.log(line)
 
     # ---- the loop --------------------------------------------------------------------------------
     def fit(self) -> RunResult:
@@ -344,8 +425,12 @@ class Trainer:
         result.initial_eval = self.evaluate()
         if result.initial_eval:
             metrics.log(self.step, result.initial_eval)
+        if "eval/loss" in result.initial_eval:
             self.log(f"held-out loss before training: {result.initial_eval['eval/loss']:.4f} "
                      f"(masked-token CE {result.initial_eval['eval/masked_ce']:.4f})")
+        if "eval/exact_match" in result.initial_eval:
+            self.log(f"held-out exact match before training: {result.initial_eval['eval/exact_match']:.1%} "
+                     f"({len(self.em_examples)} examples)")
 
         pending: list[tuple[int, dict[str, torch.Tensor], int]] = []
         window_start, train_start = time.perf_counter(), time.perf_counter()
@@ -392,6 +477,7 @@ class Trainer:
         result.final_eval = self.evaluate()
         if result.final_eval:
             metrics.log(self.step, result.final_eval)
+        self._report_exact_match(result.initial_eval, result.final_eval)
         result.checkpoint = self.save()
         result.steps_done = self.step
         metrics.close()

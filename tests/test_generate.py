@@ -1,0 +1,283 @@
+"""The diffusion sampler: schedules, confidence rules, decoding of a model with known answers, left-padded
+mixed-length batches, seeded randomness, and one compiled step graph per generation on XLA."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import load_tokenizer
+from model.diffusion import DiffusionConfig
+from train.config import ConfigError
+from train.generate import (GenerationConfig, confidence, cut_at_stop, filter_logits, generate, generate_ids,
+                            hash_uniform, layout, mix32)
+
+TOK = load_tokenizer("byte")
+V = TOK.vocab_size
+MASK, PAD, IM_END = TOK.mask_id, TOK.pad_id, TOK.im_end_id
+
+
+class FixedAnswerLM(nn.Module):
+    """Stand-in for Qwen3ForDiffusionLM whose predictions are fixed: the token at offset j of the
+    generation region is answer[j] with logit margin margins[j] over every other token (the hidden
+    state IS the logit vector; logits() is the identity). Each row's prompt length is read from its
+    segment ids (real tokens minus the region length), so left padding must be laid out right for the
+    answer to land where it belongs. shift: position i-1 predicts token i, as the trained model does."""
+
+    def __init__(self, answer, gen_len, *, shift=True, margins=None, vocab=V):
+        super().__init__()
+        answer = list(answer) + [IM_END] * (gen_len - len(answer))
+        margins = margins if margins is not None else [8.0] * gen_len
+        self.register_buffer("answer", torch.tensor(answer[:gen_len], dtype=torch.int64))
+        self.register_buffer("margins", torch.tensor(margins, dtype=torch.float32))
+        self.anchor = nn.Parameter(torch.zeros(()))  # gives the module a device
+        self.gen_len, self.shift, self.vocab = gen_len, shift, vocab
+        self.calls = 0
+
+    @property
+    def lm_head_weight(self):
+        return torch.zeros(self.vocab, 1, device=self.anchor.device)
+
+    def forward(self, input_ids, segment_ids, position_ids):
+        self.calls += 1
+        prompt_len = (segment_ids > 0).sum(1, keepdim=True) - self.gen_len
+        offset = (position_ids + (1 if self.shift else 0) - prompt_len).clamp(0, self.gen_len - 1)
+        return F.one_hot(self.answer[offset], self.vocab).float() * self.margins[offset][..., None] + self.anchor
+
+    def logits(self, hidden):
+        return hidden
+
+
+def ids(text):
+    return TOK.encode(text)
+
+
+DIFF = DiffusionConfig(mask_token_id=MASK)
+
+
+# ---- schedules and configuration ----------------------------------------------------------------
+
+def test_schedule_splits_steps_across_blocks_and_tokens_across_steps():
+    cfg = GenerationConfig(max_new_tokens=10, block_length=4, steps=5)
+    # blocks [0,4) [4,8) [8,10); 5 steps -> 2, 2, 1; tokens per step as even as possible
+    assert cfg.schedule() == [(0, 4, 2), (0, 4, 2), (4, 8, 2), (4, 8, 2), (8, 10, 2)]
+    assert GenerationConfig(max_new_tokens=7, steps=3).schedule() == [(0, 7, 3), (0, 7, 2), (0, 7, 2)]
+    # never more steps than tokens in a block; default: one token per step, one block
+    assert GenerationConfig(max_new_tokens=4, steps=10).schedule() == [(0, 4, 1)] * 4
+    assert GenerationConfig(max_new_tokens=3).schedule() == [(0, 3, 1)] * 3
+    for cfg in (GenerationConfig(max_new_tokens=16, block_length=8, steps=5),
+                GenerationConfig(max_new_tokens=13, block_length=5, steps=13)):
+        sched = cfg.schedule()
+        per_block = {}
+        for start, end, n in sched:
+            per_block[(start, end)] = per_block.get((start, end), 0) + n
+        assert all(end - start == n for (start, end), n in per_block.items())
+        assert sum(per_block.values()) == cfg.max_new_tokens
+
+
+@pytest.mark.parametrize("bad, key", [
+    (dict(steps=1, max_new_tokens=8, block_length=2), "generation.steps"),
+    (dict(remasking="lowest"), "generation.remasking"),
+    (dict(temperature=-1.0), "generation.temperature"),
+    (dict(top_p=0.0), "generation.top_p"),
+    (dict(top_k=-2), "generation.top_k"),
+    (dict(max_new_tokens=0), "generation.max_new_tokens"),
+])
+def test_bad_settings_fail_with_one_line_naming_the_key(bad, key):
+    with pytest.raises(ConfigError) as err:
+        GenerationConfig(**bad)
+    assert str(err.value).startswith(key) and "\n" not in str(err.value)
+
+
+def test_from_config_ignores_eval_keys_and_rejects_unknown_ones():
+    cfg = GenerationConfig.from_config({"steps": 4, "max_new_tokens": 8, "eval_exact_match_examples": 10},
+                                       temperature=None, seed=3)
+    assert (cfg.steps, cfg.max_new_tokens, cfg.seed, cfg.temperature) == (4, 8, 3, 0.0)
+    with pytest.raises(ConfigError, match="generation.stepz"):
+        GenerationConfig.from_config({"stepz": 4})
+
+
+# ---- pieces ---------------------------------------------------------------------------------------
+
+def test_confidence_rules_on_a_known_distribution():
+    p = torch.tensor([0.5, 0.3, 0.2])
+    logits = p.log().view(1, 1, 3)
+    x0 = torch.zeros(1, 1, dtype=torch.int64)
+    assert confidence(logits, x0, "maskgit_plus").item() == pytest.approx(0.5)
+    assert confidence(logits, x0, "topk_margin").item() == pytest.approx(0.2)
+    assert confidence(logits, x0, "entropy").item() == pytest.approx(float((p * p.log()).sum()))
+    # filtered (-inf) entries add nothing to the entropy instead of NaN
+    filtered = torch.tensor([[[0.0, float("-inf"), 0.0]]])
+    assert confidence(filtered, x0, "entropy").item() == pytest.approx(-np.log(2))
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.tensor([[[4.0, 3.0, 2.0, 1.0]]])
+    assert torch.isinf(filter_logits(logits, 2, 1.0)).tolist() == [[[False, False, True, True]]]
+    probs = torch.softmax(logits, -1)[0, 0]  # ~0.64, 0.24, 0.09, 0.03
+    kept = ~torch.isinf(filter_logits(logits, 0, float(probs[0] + 0.01)))
+    assert kept.tolist() == [[[True, True, False, False]]]
+    assert (~torch.isinf(filter_logits(logits, 0, 0.1))).sum() == 1  # the top token always stays
+
+
+def test_hash_noise_is_uniform_and_stable():
+    h = mix32(torch.arange(200_000, dtype=torch.int32))
+    u = hash_uniform(h)
+    assert 0 < u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
+    # bit-exact against a plain-Python lowbias32 (unsigned 32-bit arithmetic): logical shifts, wrapping
+    def lowbias32(v):
+        v &= 0xFFFFFFFF
+        v ^= v >> 16
+        v = (v * 0x7FEB352D) & 0xFFFFFFFF
+        v ^= v >> 15
+        v = (v * 0x846CA68B) & 0xFFFFFFFF
+        v ^= v >> 16
+        return v - (1 << 32) if v >= 1 << 31 else v
+
+    values = [0, 1, 2, -1, -7, 123456789, -2**31, 2**31 - 1]
+    assert mix32(torch.tensor(values, dtype=torch.int32)).tolist() == [lowbias32(v) for v in values]
+
+
+def test_layout_left_pads_with_segment_zero_and_restarts_positions():
+    x, seg, pos, p_len = layout([[5, 6, 7], [9]], 2, mask_id=MASK, pad_id=PAD, prompt_len=4)
+    assert p_len == 4
+    assert x.tolist() == [[PAD, 5, 6, 7, MASK, MASK], [PAD, PAD, PAD, 9, MASK, MASK]]
+    assert seg.tolist() == [[0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]]
+    assert pos.tolist() == [[0, 0, 1, 2, 3, 4], [0, 0, 0, 0, 1, 2]]
+
+
+def test_cut_at_stop():
+    assert cut_at_stop([1, 2, IM_END, 3], (IM_END, PAD)) == [1, 2]
+    assert cut_at_stop([1, 2], (IM_END,)) == [1, 2]
+
+
+# ---- decoding ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shift", [True, False], ids=["shift", "no_shift"])
+@pytest.mark.parametrize("rule", ["maskgit_plus", "topk_margin", "entropy", "random"])
+def test_each_rule_decodes_the_known_answer(rule, shift):
+    answer = ids("olleh") + [IM_END]
+    model = FixedAnswerLM(answer, 8, shift=shift)
+    cfg = GenerationConfig(max_new_tokens=8, block_length=4, steps=6, remasking=rule)
+    prompts = [ids("Reverse: hello"), ids("Reverse it: hello!!")]
+    out = generate_ids(model, prompts, cfg, mask_id=MASK, pad_id=PAD, shift_logits=shift)
+    assert out.tolist() == [answer + [IM_END] * 2] * 2
+    texts = generate(model, TOK, prompts, cfg, diffusion=DiffusionConfig(mask_token_id=MASK, shift_logits=shift))
+    assert texts == ["olleh", "olleh"]
+    assert model.calls == 2 * 6  # one forward per step
+
+
+@pytest.mark.parametrize("rule", ["maskgit_plus", "topk_margin", "entropy"])
+def test_most_confident_first_and_blocks_left_to_right(rule):
+    # margins rise to the right inside each block: the rules must reveal right-to-left within a block,
+    # and never touch the second block before the first is complete
+    margins = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    model = FixedAnswerLM(ids("abcdefgh"), 8, margins=margins)
+    cfg = GenerationConfig(max_new_tokens=8, block_length=4, steps=8, remasking=rule)
+    trace = []
+    generate_ids(model, [ids("q")], cfg, mask_id=MASK, pad_id=PAD, trace=trace)
+    p_len = trace[0].shape[1] - 8
+    revealed = [np.flatnonzero(t[0, p_len:] != MASK).tolist() for t in trace]
+    assert revealed == [[3], [2, 3], [1, 2, 3], [0, 1, 2, 3],
+                        [0, 1, 2, 3, 7], [0, 1, 2, 3, 6, 7], [0, 1, 2, 3, 5, 6, 7], list(range(8))]
+
+
+def test_mixed_length_batch_keeps_every_prompt_token_intact():
+    # Rows of very different prompt lengths, two tokens revealed per step: any write outside a row's
+    # own generation region would show up in its prompt or padding.
+    torch.manual_seed(0)
+    answer = ids("xyz") + [IM_END]
+    model = FixedAnswerLM(answer, 6, margins=[3.0, 9.0, 1.0, 5.0, 2.0, 7.0])
+    prompts = [ids("a"), ids("a much longer prompt here"), ids("mid length"), ids("bb")]
+    cfg = GenerationConfig(max_new_tokens=6, block_length=3, steps=4)  # 2 tokens per step
+    trace = []
+    out = generate_ids(model, prompts, cfg, mask_id=MASK, pad_id=PAD, trace=trace)
+    x0, _, _, p_len = layout(prompts, 6, mask_id=MASK, pad_id=PAD)
+    for step, x in enumerate(trace):
+        assert np.array_equal(x[:, :p_len], x0[:, :p_len]), f"prompt changed at step {step}"
+        # every row has the same number of masks after every step
+        assert len(set((x[:, p_len:] == MASK).sum(1).tolist())) == 1
+    assert out.tolist() == [answer + [IM_END, IM_END]] * 4
+
+
+def test_real_model_answers_the_same_alone_and_in_a_mixed_batch():
+    from model.config import Qwen3Config
+    from model.qwen3 import Qwen3ForDiffusionLM
+
+    torch.manual_seed(1)
+    cfg = Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, rope_theta=10000.0)
+    model = Qwen3ForDiffusionLM(cfg, attention_kernel="naive", loss_kernel="naive")
+    with torch.no_grad():  # sharper logits than the 0.02-std init, so argmax ties cannot flip
+        model.model.embed_tokens.weight.normal_(0, 1.0)
+    prompts = [ids("Sort: cab"), ids("Reverse: a longer word"), ids("x")]
+    gen = GenerationConfig(max_new_tokens=6, block_length=3, steps=6, remasking="topk_margin")
+    batch = generate_ids(model, prompts, gen, mask_id=MASK, pad_id=PAD)
+    for i, p in enumerate(prompts):
+        alone = generate_ids(model, [p], gen, mask_id=MASK, pad_id=PAD, prompt_len=len(p))
+        assert alone[0].tolist() == batch[i].tolist(), i
+    assert (batch != MASK).all()
+
+
+def test_seeded_sampling_is_reproducible_and_depends_on_the_seed():
+    model = FixedAnswerLM(ids("abcdefgh"), 8, margins=[0.5] * 8)  # nearly flat: sampling decides
+    prompts = [ids("p1"), ids("prompt 2")]
+
+    def run(seed, rule="maskgit_plus", **kw):
+        cfg = GenerationConfig(max_new_tokens=8, steps=4, temperature=1.0, seed=seed, remasking=rule, **kw)
+        return generate_ids(model, prompts, cfg, mask_id=MASK, pad_id=PAD).tolist()
+
+    assert run(0) == run(0)
+    assert run(0) != run(1)
+    assert run(5, "random") == run(5, "random") != run(6, "random")
+    assert run(0)[0] != run(0)[1]  # rows draw different noise
+    # top_k=1 leaves one token: sampling becomes greedy whatever the seed
+    assert run(0, top_k=1) == run(7, top_k=1) == [ids("abcdefgh")] * 2
+    assert MASK not in np.asarray(run(3))  # the MASK token itself is never sampled
+
+
+def test_empty_prompt_with_shift_is_refused():
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate_ids(FixedAnswerLM([1], 2), [[]], GenerationConfig(max_new_tokens=2), mask_id=MASK, pad_id=PAD)
+
+
+# ---- XLA ------------------------------------------------------------------------------------------
+
+def test_one_generation_compiles_once_on_xla(xla_device):
+    from model.config import Qwen3Config
+    from model.qwen3 import Qwen3ForDiffusionLM
+    from train import runtime
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, rope_theta=10000.0)
+    model = Qwen3ForDiffusionLM(cfg).to(xla_device)  # reference kernels through call_jax
+    runtime.sync()
+    gen = GenerationConfig(max_new_tokens=8, block_length=4, steps=8, temperature=0.8, top_p=0.9,
+                           remasking="entropy")
+    prompts = [ids("Sort: cab"), ids("a longer prompt")]
+    counts, outs = [], []
+    for seed in (0, 0, 4):
+        before = runtime.compile_count()
+        outs.append(generate_ids(model, prompts, dataclasses.replace(gen, seed=seed),
+                                 mask_id=MASK, pad_id=PAD, device=xla_device))
+        counts.append(runtime.compile_count() - before)
+    # 8 steps over 2 blocks, another seed: still the one graph compiled by the first generation
+    assert counts == [1, 0, 0], counts
+    assert outs[0].tolist() == outs[1].tolist() and (outs[0] != MASK).all()
+
+
+def test_device_noise_is_identical_on_cpu_and_xla(xla_device):
+    # The hash generator wraps int32 arithmetic the same way on both: sampled tokens agree exactly.
+    x = torch.arange(-5000, 5000, dtype=torch.int32) * 7919
+    assert mix32(x).tolist() == mix32(x.to(xla_device)).cpu().tolist()
+    cfg = GenerationConfig(max_new_tokens=6, steps=3, temperature=1.0, seed=11, remasking="random")
+    prompts = [ids("abc"), ids("de")]
+    cpu = generate_ids(FixedAnswerLM(ids("uvwxyz"), 6, margins=[0.3] * 6), prompts, cfg, mask_id=MASK, pad_id=PAD)
+    xla = generate_ids(FixedAnswerLM(ids("uvwxyz"), 6, margins=[0.3] * 6).to(xla_device), prompts, cfg,
+                       mask_id=MASK, pad_id=PAD, device=xla_device)
+    assert cpu.tolist() == xla.tolist()
