@@ -97,10 +97,49 @@ def _loss_and_grads(device, attention_kernel, loss_kernel):
     return loss.item(), {n: p.grad.cpu() for n, p in model.named_parameters()}
 
 
-def test_model_with_pallas_attention_matches_reference(xla_device):
+@pytest.mark.parametrize("attention_kernel,loss_kernel", [("pallas", "reference"), ("reference", "pallas")],
+                         ids=["pallas-attention", "pallas-loss"])
+def test_model_with_pallas_kernels_matches_reference(xla_device, attention_kernel, loss_kernel):
     loss_ref, grads_ref = _loss_and_grads(xla_device, "reference", "reference")
-    loss_pal, grads_pal = _loss_and_grads(xla_device, "pallas", "reference")
+    loss_pal, grads_pal = _loss_and_grads(xla_device, attention_kernel, loss_kernel)
     assert loss_pal == pytest.approx(loss_ref, rel=1e-5)
     for name, g in grads_ref.items():
         scale = max(g.abs().max().item(), 1e-6)
         assert (grads_pal[name] - g).abs().max().item() / scale <= 1e-4, name
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_cross_entropy_interpret_matches_reference_through_torch_xla(xla_device, tied):
+    torch.manual_seed(0)
+    n, h, v = 96, 64, 1000  # V not a multiple of the vocab block
+    hidden = torch.randn(n, h)
+    weight = torch.randn(v, h) * 0.1
+    targets = torch.randint(0, v, (n,), dtype=torch.int32)
+    token_weight = torch.where(torch.rand(n) < 0.2, 1.0 / torch.rand(n).clamp(min=0.1), torch.zeros(n))
+    results = {}
+    for backend in ("interpret", "reference"):
+        hx, wx = hidden.to(xla_device).requires_grad_(), weight.to(xla_device).requires_grad_()
+        loss = kernels.masked_cross_entropy(hx, wx, targets.to(xla_device), token_weight.to(xla_device),
+                                            backend=backend)
+        if tied:  # the head weight also serves as the embedding: both gradients must add up
+            loss = loss + wx[targets.long().to(xla_device)].sum() * 0.5
+        loss.backward()
+        xla_sync()
+        results[backend] = (loss.cpu(), hx.grad.cpu(), wx.grad.cpu())
+    for got, want, name in zip(results["interpret"], results["reference"], ("loss", "d_hidden", "d_weight")):
+        assert torch.isfinite(got).all(), name
+        assert ((got - want).abs().max() / want.abs().max().clamp(min=1e-6)).item() <= 1e-5, name
+    assert results["interpret"][1][token_weight == 0].abs().max().item() == 0.0
+
+
+def test_loss_kernel_config_reaches_the_cross_entropy_kernel(xla_device):
+    n, h, v = 64, 32, 300
+    torch.manual_seed(0)
+    args = (torch.randn(n, h).to(xla_device), torch.randn(v, h).to(xla_device),
+            torch.randint(0, v, (n,), dtype=torch.int32).to(xla_device), torch.ones(n).to(xla_device))
+    small = kernels.masked_cross_entropy(*args, backend="interpret",
+                                         block_sizes={"block_tokens": 128, "block_vocab": 128, "block_vocab_bwd": 128})
+    ref = kernels.masked_cross_entropy(*args, backend="reference")
+    assert small.item() == pytest.approx(ref.item(), rel=1e-5)
+    with pytest.raises(Exception, match="multiple of 128"):
+        kernels.masked_cross_entropy(*args, backend="interpret", block_sizes={"block_tokens": 100}).item()
