@@ -51,6 +51,26 @@ class FixedAnswerLM(nn.Module):
         return hidden
 
 
+class CopyPromptLM(FixedAnswerLM):
+    """Answers each row with its own prompt's first tokens (then <|im_end|>): catches rows mixed up
+    across batches or misplaced by the padding."""
+
+    def __init__(self, gen_len, copy):
+        super().__init__([], gen_len)
+        self.copy = copy
+
+    def forward(self, input_ids, segment_ids, position_ids):
+        self.calls += 1
+        b, length = input_ids.shape
+        real = (segment_ids > 0).sum(1, keepdim=True)
+        first, prompt_len = length - real, real - self.gen_len  # first real prompt token; prompt length
+        offset = (position_ids + 1 - prompt_len).clamp(0, self.gen_len - 1)  # answer offset predicted here
+        source = (first + offset).clamp(max=length - 1)
+        copy = (offset < self.copy) & (offset < prompt_len)
+        tokens = torch.where(copy, input_ids.gather(1, source), torch.full_like(input_ids, IM_END))
+        return F.one_hot(tokens, self.vocab).float() * 8.0 + self.anchor
+
+
 def ids(text):
     return TOK.encode(text)
 
@@ -238,6 +258,15 @@ def test_seeded_sampling_is_reproducible_and_depends_on_the_seed():
     # top_k=1 leaves one token: sampling becomes greedy whatever the seed
     assert run(0, top_k=1) == run(7, top_k=1) == [ids("abcdefgh")] * 2
     assert MASK not in np.asarray(run(3))  # the MASK token itself is never sampled
+
+
+def test_many_prompts_in_several_batches_keep_their_order():
+    words = ["alpha", "be", "gamma ray", "d", "epsilon", "zeta!", "et"]
+    model = CopyPromptLM(6, copy=3)
+    cfg = GenerationConfig(max_new_tokens=6, steps=3, batch_size=3)
+    answers = generate(model, TOK, [ids(w) for w in words], cfg, diffusion=DIFF)
+    assert answers == [w[:3] for w in words]
+    assert model.calls == 3 * 3  # 7 prompts at batch_size 3: three batches (3, 2 and 2 prompts of 3 rows)
 
 
 def test_empty_prompt_with_shift_is_refused():

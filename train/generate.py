@@ -397,13 +397,15 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], cfg: Generation
     """Answers (decoded up to the first <|im_end|>/EOS) for prompt id lists, `cfg.batch_size` at a time.
     `diffusion` (model.diffusion.DiffusionConfig, e.g. from the checkpoint) supplies the mask token
     and the shift_logits convention the model was trained with. Every batch is padded to the same
-    shape (`prompt_len`, default: the longest prompt rounded up; rows: batch_size or fewer when all
-    prompts fit in one batch), so a whole call compiles one step graph."""
+    shape (`prompt_len`, default: the longest prompt rounded up; rows: at most batch_size, the prompts
+    spread evenly over the fewest batches), so a whole call compiles one step graph."""
     if not prompts:
         return []
     longest = max(len(p) for p in prompts)
     p_len = prompt_len or -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
-    rows = min(cfg.batch_size, len(prompts))
+    # as few batches as batch_size allows, evenly filled (100 prompts at 64: 2 x 50, not 64 + 36 padded)
+    batches = -(-len(prompts) // cfg.batch_size)
+    rows = -(-len(prompts) // batches)
     stops = stop_ids(tokenizer)
     answers: list[str] = []
     for i in range(0, len(prompts), rows):
