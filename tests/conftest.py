@@ -41,3 +41,13 @@ def xla_sync():
         import torch_xla.core.xla_model as xm
 
         xm.mark_step()
+
+
+def jax_on_tpu() -> bool:
+    """Whether JAX runs on a TPU here (the `tpu`-marked Mosaic tests skip otherwise)."""
+    import jax
+
+    try:
+        return jax.devices()[0].platform == "tpu"
+    except RuntimeError:
+        return False

@@ -18,6 +18,7 @@ import jax.export  # noqa: E402,F401  (jax.export is not imported by `import jax
 import jax.numpy as jnp  # noqa: E402
 from jax.experimental.pallas import tpu as pltpu  # noqa: E402
 
+from conftest import jax_on_tpu  # noqa: E402
 from kernels import pallas_attention as pa  # noqa: E402
 from kernels import reference as ref  # noqa: E402
 
@@ -300,15 +301,8 @@ def test_flop_count_follows_skipping():
 # --------------------------------------------------------------------------------------------------
 
 
-def _on_tpu():
-    try:
-        return jax.devices()[0].platform == "tpu"
-    except RuntimeError:
-        return False
-
-
 @pytest.mark.tpu
-@pytest.mark.skipif(not _on_tpu(), reason="needs a TPU: jax.devices()[0].platform is not 'tpu'")
+@pytest.mark.skipif(not jax_on_tpu(), reason="needs a TPU: jax.devices()[0].platform is not 'tpu'")
 @pytest.mark.parametrize("case", list(TPU_INTERPRET_CASES) + ["default-blocks-L1000"], ids=str)
 def test_parity_mosaic(case):
     args = TPU_INTERPRET_CASES.get(case) or (

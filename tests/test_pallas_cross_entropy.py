@@ -16,6 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax import export as jax_export  # noqa: E402
 from jax.experimental.pallas import tpu as pltpu  # noqa: E402
 
+from conftest import jax_on_tpu  # noqa: E402
 from kernels import pallas_cross_entropy as pce  # noqa: E402
 from kernels import reference as ref  # noqa: E402
 
@@ -264,15 +265,8 @@ def test_shape_errors_name_the_argument():
 # ---- real TPU ------------------------------------------------------------------------------------
 
 
-def _on_tpu():
-    try:
-        return jax.devices()[0].platform == "tpu"
-    except RuntimeError:
-        return False
-
-
 @pytest.mark.tpu
-@pytest.mark.skipif(not _on_tpu(), reason="needs a TPU: the Mosaic-compiled kernels only run there")
+@pytest.mark.skipif(not jax_on_tpu(), reason="needs a TPU: the Mosaic-compiled kernels only run there")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("n_loss", [0, 1, 410, 2048], ids=["none", "one", "20pct", "all"])
 def test_mosaic_on_tpu(n_loss, dtype):
