@@ -117,21 +117,28 @@ def from_alpaca(record: Mapping) -> list[Message]:
     return out
 
 
-def from_sharegpt(record: Mapping) -> list[Message]:
-    turns = _list_field(record, "conversations")
+def _role_turns(record: Mapping, list_field: str, role_key: str, content_key: str,
+                roles: Mapping[str, str]) -> list[Message]:
+    """A list of {role_key, content_key} objects -> messages; errors name e.g. conversations[3].from."""
     out: list[Message] = []
-    for i, turn in enumerate(turns):
-        where = f"conversations[{i}]"
+    for i, turn in enumerate(_list_field(record, list_field)):
+        where = f"{list_field}[{i}]"
         if not isinstance(turn, Mapping):
-            raise DataError(f"expected an object with 'from' and 'value', got {type(turn).__name__}", field=where)
-        who = turn.get("from")
+            raise DataError(f"expected an object with '{role_key}' and '{content_key}', got {type(turn).__name__}",
+                            field=where)
+        who = turn.get(role_key)
         if not isinstance(who, str):
             raise DataError("missing" if who is None else f"expected a string, got {type(who).__name__}",
-                            field=f"{where}.from")
-        role = SHAREGPT_ROLES.get(who.strip().lower())
+                            field=f"{where}.{role_key}")
+        role = roles.get(who.strip().lower())
         if role is None:
-            raise DataError(f"unknown role {who!r}; allowed: {', '.join(SHAREGPT_ROLES)}", field=f"{where}.from")
-        out.append({"role": role, "content": _content(turn.get("value"), f"{where}.value")})
+            raise DataError(f"unknown role {who!r}; allowed: {', '.join(roles)}", field=f"{where}.{role_key}")
+        out.append({"role": role, "content": _content(turn.get(content_key), f"{where}.{content_key}")})
+    return out
+
+
+def from_sharegpt(record: Mapping) -> list[Message]:
+    out = _role_turns(record, "conversations", "from", "value", SHAREGPT_ROLES)
     # A top-level system prompt is common in ShareGPT exports.
     system = record.get("system")
     if isinstance(system, str) and system.strip() and not any(m["role"] == "system" for m in out):
@@ -143,20 +150,7 @@ def from_sharegpt(record: Mapping) -> list[Message]:
 
 
 def from_messages(record: Mapping) -> list[Message]:
-    turns = _list_field(record, "messages")
-    out: list[Message] = []
-    for i, turn in enumerate(turns):
-        where = f"messages[{i}]"
-        if not isinstance(turn, Mapping):
-            raise DataError(f"expected an object with 'role' and 'content', got {type(turn).__name__}", field=where)
-        who = turn.get("role")
-        if not isinstance(who, str):
-            raise DataError("missing" if who is None else f"expected a string, got {type(who).__name__}",
-                            field=f"{where}.role")
-        role = MESSAGES_ROLES.get(who.strip().lower())
-        if role is None:
-            raise DataError(f"unknown role {who!r}; allowed: {', '.join(MESSAGES_ROLES)}", field=f"{where}.role")
-        out.append({"role": role, "content": _content(turn.get("content"), f"{where}.content")})
+    out = _role_turns(record, "messages", "role", "content", MESSAGES_ROLES)
     return _check_turns(out, lambda i: "messages" if i is None else f"messages[{i}].content")
 
 
