@@ -463,14 +463,14 @@ def _clamped(idx, t, tables):
     return jnp.minimum(jnp.maximum(idx, tables[-2][t]), tables[-1][t])
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "plan", "interpret", "debug"))
-def _fwd_padded(q, k, v, seg_p, *, causal, sm_scale, plan, interpret, debug=False):
-    b, hq, lp, d = q.shape
-    group = hq // k.shape[1]
-    bq, bk = plan.fwd
-    nq, nk = lp // bq, lp // bk
-    whole = interpret is True
-    tables = _tables(seg_p, bq, bk, causal, inner="k")
+def _query_major_specs(q, k, v, seg_cols, seg_rows, *, bq, bk, group, nq, whole):
+    """Block specs of the grid (B, Hq, q block i, k block j) that the forward and dq kernels share.
+
+    K/V (and key segment ids) follow the clamped visit interval of query block i, so skipped steps repeat a
+    block index and issue no copy. Returns (q_map, row_map for [B, Hq, 1, L] rows such as lse, specs of q,
+    k, v, query segment ids and key segment ids).
+    """
+    d = q.shape[-1]
 
     def q_map(b_, h, i, j, *tabs):
         return b_, h, i, 0
@@ -484,17 +484,31 @@ def _fwd_padded(q, k, v, seg_p, *, causal, sm_scale, plan, interpret, debug=Fals
     def kseg_map(b_, h, i, j, *tabs):
         return b_, 0, _clamped(j, b_ * nq + i, tabs)
 
-    def lse_map(b_, h, i, j, *tabs):
+    def row_map(b_, h, i, j, *tabs):
         return b_, h, 0, i
 
-    seg_cols, seg_rows = _seg_operands(seg_p, whole)
-    in_specs = [
+    specs = [
         _spec(whole, q.shape, (None, None, bq, d), q_map),
         _spec(whole, k.shape, (None, None, bk, d), kv_map),
         _spec(whole, v.shape, (None, None, bk, d), kv_map),
         _spec(whole, seg_cols.shape, (None, bq, NUM_LANES), qseg_map),
         _spec(whole, seg_rows.shape, (None, NUM_SUBLANES, bk), kseg_map),
     ]
+    return q_map, row_map, specs
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "plan", "interpret", "debug"))
+def _fwd_padded(q, k, v, seg_p, *, causal, sm_scale, plan, interpret, debug=False):
+    b, hq, lp, d = q.shape
+    group = hq // k.shape[1]
+    bq, bk = plan.fwd
+    nq, nk = lp // bq, lp // bk
+    whole = interpret is True
+    tables = _tables(seg_p, bq, bk, causal, inner="k")
+
+    seg_cols, seg_rows = _seg_operands(seg_p, whole)
+    q_map, lse_map, in_specs = _query_major_specs(q, k, v, seg_cols, seg_rows, bq=bq, bk=bk, group=group,
+                                                  nq=nq, whole=whole)
     out_specs = [
         pl.BlockSpec((None, None, bq, d), q_map),
         pl.BlockSpec((None, None, 1, bq), lse_map),
@@ -582,22 +596,9 @@ def _dq_padded(q, k, v, seg_p, lse, di, do, *, causal, sm_scale, plan, interpret
     whole = interpret is True
     tables = _tables(seg_p, bq, bk, causal, inner="k")
 
-    def q_map(b_, h, i, j, *tabs):
-        return b_, h, i, 0
-
-    def kv_map(b_, h, i, j, *tabs):
-        return b_, lax.div(h, group), _clamped(j, b_ * nq + i, tabs), 0
-
-    def qseg_map(b_, h, i, j, *tabs):
-        return b_, i, 0
-
-    def kseg_map(b_, h, i, j, *tabs):
-        return b_, 0, _clamped(j, b_ * nq + i, tabs)
-
-    def row_map(b_, h, i, j, *tabs):
-        return b_, h, 0, i
-
     seg_cols, seg_rows = _seg_operands(seg_p, whole)
+    q_map, row_map, in_specs = _query_major_specs(q, k, v, seg_cols, seg_rows, bq=bq, bk=bk, group=group,
+                                                  nq=nq, whole=whole)
     lse, di = _row_operand(lse, whole), _row_operand(di, whole)
     kernel = functools.partial(_dq_kernel, sm_scale=sm_scale, causal=causal, bq=bq, bk=bk,
                                nq=nq, nk=nk, group=group, whole=whole)
@@ -607,11 +608,7 @@ def _dq_padded(q, k, v, seg_p, lse, di, do, *, causal, sm_scale, plan, interpret
             num_scalar_prefetch=len(tables),
             grid=(b, hq, nq, nk),
             in_specs=[
-                _spec(whole, q.shape, (None, None, bq, d), q_map),
-                _spec(whole, k.shape, (None, None, bk, d), kv_map),
-                _spec(whole, v.shape, (None, None, bk, d), kv_map),
-                _spec(whole, seg_cols.shape, (None, bq, NUM_LANES), qseg_map),
-                _spec(whole, seg_rows.shape, (None, NUM_SUBLANES, bk), kseg_map),
+                *in_specs,
                 _spec(whole, lse.shape, (None, None, 1, bq), row_map),
                 _spec(whole, di.shape, (None, None, 1, bq), row_map),
                 _spec(whole, do.shape, (None, None, bq, d), q_map),
