@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
         },
         "train_on": "all_assistant",
         "overlength": "truncate",
+        "pad_response_to": 0,
     },
 }
 
@@ -143,6 +144,9 @@ def normalize(data_cfg: Any) -> Settings:
     sep = cfg["sft"]["instruction_response_separator"]
     if not isinstance(sep, str):
         raise ValueError(f"data.sft.instruction_response_separator: expected a string, got {sep!r}")
+    pad = cfg["sft"]["pad_response_to"]
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        raise ValueError(f"data.sft.pad_response_to: expected an integer >= 0 (0 = off), got {pad!r}")
     for key in ("instruction_field", "response_field"):
         if not isinstance(cfg["sft"]["custom_format"][key], str):
             raise ValueError(f"data.sft.custom_format.{key}: expected a field name, got "

@@ -31,7 +31,7 @@ from .errors import DataError
 from .formats import to_messages, to_text
 from .packing import Row, assemble, cut_documents, fit_example, pack_examples
 from .sources import RawRecord, heldout_counterpart, read_records, resolve
-from .templates import render_example, render_prompt
+from .templates import pad_final_response, render_example, render_prompt
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def _tokenise(parts: list[_Part], cfg: dict, tok: Tokenizer, training_mode: str)
     lengths: list[int] = []
     source: list[int] = []
     stats: dict[str, Any] = {"records": 0, "truncated": 0, "dropped": 0, "empty": 0, "skipped": 0,
-                             "skipped_records": [], "per_source": {}}
+                             "skipped_records": [], "per_source": {}, "response_pad_tokens": 0}
     for si, part in enumerate(parts):
         kept = 0
         for rec in part.records:
@@ -143,6 +143,10 @@ def _tokenise(parts: list[_Part], cfg: dict, tok: Tokenizer, training_mode: str)
                     src = [False] * len(ids)
                 else:
                     r = render_example(to_messages(rec.value, sft["format"], sft), tok, sft)
+                    padded = pad_final_response(r, sft["pad_response_to"], tok.eos_id, L)
+                    if padded is not r:
+                        stats["response_pad_tokens"] += padded.assistant_spans[-1][1] - r.assistant_spans[-1][1]
+                    r = padded
                     if r.n_maskable == 0:  # formats guarantee an assistant turn; this guards the invariant
                         raise DataError("no trainable token (no assistant turn left to train on)")
                     ids, src, status = fit_example(r.ids, r.src, L, sft["overlength"])
@@ -380,6 +384,9 @@ class BatchStream:
         if len(s["sources"]) > 1:
             lines.append("  mixing per epoch: " + ", ".join(f"{n} {k:,}" for n, k in s["epoch_counts"].items()))
         empty = f", {s['empty']:,} empty documents ignored" if s["empty"] else ""
+        if s["response_pad_tokens"]:
+            lines.append(f"  final responses padded with {s['response_pad_tokens']:,} maskable EOS tokens "
+                         f"(data.sft.pad_response_to={self.cfg['sft']['pad_response_to']})")
         lines.append(f"  truncated {s['truncated']:,}, dropped {s['dropped']:,} (over block_size), "
                      f"skipped {s['skipped']:,} bad records{empty}")
         limit = 20

@@ -166,6 +166,26 @@ def render_example(messages: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, 
     return _render(tokenizer, msgs, sft, trained).out
 
 
+def pad_final_response(r: Rendered, target: int, pad_id: int, max_length: int) -> Rendered:
+    """Extend the final assistant turn with maskable `pad_id` (EOS) tokens until its response (content and
+    end token) is `target` tokens long, as LLaDA-style SFT does: the sampler fills a fixed region of
+    `generation.max_new_tokens` masks, and a model that never saw EOS after an answer fills it with text.
+
+    The padding replaces what the template puts after the final turn (qwen3: a newline), so the padded
+    response ends the example, as the generation region ends the sampler's input. Never grows the example
+    past `max_length` (the block size). Returns `r` itself when nothing is added.
+    """
+    if target <= 0 or not r.assistant_spans:
+        return r
+    start, end = r.assistant_spans[-1]
+    extra = min(target - (end - start), max_length - end)
+    if extra <= 0:
+        return r
+    out = Rendered(ids=r.ids[:end] + [pad_id] * extra, src=r.src[:end] + [False] * extra,
+                   assistant_spans=r.assistant_spans[:-1] + [(start, end + extra)])
+    return out
+
+
 def render_prompt(messages: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, sft_cfg: Any) -> list[int]:
     """Token ids of a generation prompt: the conversation so far, ending exactly where the next
     assistant turn's content starts (qwen3: `...<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n`)."""

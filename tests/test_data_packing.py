@@ -171,3 +171,44 @@ def test_pretraining_eval_batches_use_bundled_heldout(tok):
     heldout = (Path(__file__).resolve().parents[1] / "data/bundled/pretrain/heldout.jsonl").read_text().splitlines()
     assert real == sum(len(tok.encode(json.loads(x)["text"])) + 1 for x in heldout)
     assert all(not b["src_mask"][b["segment_ids"] > 0].any() for b in batches)
+
+
+@pytest.mark.parametrize("template", ["qwen3", "separator"])
+def test_pad_response_to_appends_maskable_eos_to_the_final_response(tmp_path, tok, template):
+    records = [
+        {"instruction": "Reverse: abc", "input": "", "output": "cba"},  # 3 + end token: padded to 10
+        {"instruction": "q", "input": "", "output": "x" * 30},           # already longer: unchanged
+        {"instruction": "p" * 30, "input": "", "output": "yy"},          # padding stops at block_size
+    ]
+    path = write_jsonl(tmp_path / "a.jsonl", records)
+    base = {"dataset_name": path, "block_size": 60, "eval_examples": 0, "padding": "pad", "shuffle": False,
+            "sft": {"template": template}}
+    plain = build_batch_stream(base, tok, training_mode="sft", batch_size=3, seed=0)
+    padded = build_batch_stream(dict(base, sft={"template": template, "pad_response_to": 10}), tok,
+                                training_mode="sft", batch_size=3, seed=0)
+    a, b = next(plain), next(padded)
+    eos, end = tok.eos_id, tok.im_end_id if template == "qwen3" else tok.eos_id
+    pad_counts = []
+    for row in range(3):
+        ids_a = a["input_ids"][row][a["segment_ids"][row] > 0].tolist()
+        ids_b = b["input_ids"][row][b["segment_ids"][row] > 0].tolist()
+        resp_a = np.flatnonzero(~a["src_mask"][row] & (a["segment_ids"][row] > 0))
+        resp_b = np.flatnonzero(~b["src_mask"][row] & (b["segment_ids"][row] > 0))
+        # the prompt and the response up to its end token are untouched
+        assert ids_b[:resp_a[-1] + 1] == ids_a[:resp_a[-1] + 1] and ids_b[resp_a[-1]] == end
+        extra = len(resp_b) - len(resp_a)
+        pad_counts.append(extra)
+        # padding is EOS, maskable, ends the example (qwen3's newline after the turn goes), and the
+        # response reaches 10 tokens unless it was longer or the row is full
+        if extra:
+            assert ids_b[resp_a[-1] + 1:] == [eos] * extra
+            assert resp_b[-1] == len(ids_b) - 1
+        else:
+            assert ids_b == ids_a
+        assert len(resp_b) >= 10 or len(ids_b) == 60
+    assert pad_counts[0] == 10 - 4 and pad_counts[1] == 0 and 0 < pad_counts[2] < 8
+    assert padded.summary["response_pad_tokens"] == sum(pad_counts)
+    assert f"padded with {sum(pad_counts)} maskable EOS" in padded.format_summary()
+    assert plain.summary["response_pad_tokens"] == 0
+    with pytest.raises(ValueError, match="pad_response_to"):
+        build_batch_stream(dict(base, sft={"pad_response_to": -1}), tok, training_mode="sft", batch_size=3, seed=0)

@@ -289,11 +289,15 @@ def test_bundled_examples_are_short_and_split_disjoint(tok, fmt):
 
 def test_hydra_yaml_matches_defaults():
     sft = yaml.safe_load((REPO / "train/configs/data/sft.yaml").read_text())
-    assert sft == DEFAULTS
+    # one deliberate difference: the CLI pads responses to the sampler's region; plain use pads nothing
+    assert sft["sft"].pop("pad_response_to") == "${generation.max_new_tokens}"
+    assert DEFAULTS["sft"]["pad_response_to"] == 0
+    assert sft == {**DEFAULTS, "sft": {k: v for k, v in DEFAULTS["sft"].items() if k != "pad_response_to"}}
     # pretrain.yaml inherits sft.yaml through Hydra's defaults list; compare what Hydra composes.
     from omegaconf import OmegaConf
 
     from train.config import load_config
 
-    pre = OmegaConf.to_container(load_config(["data=pretrain", "training_mode=pretrain"]).data)
-    assert pre == dict(DEFAULTS, dataset_name="bundled:pretrain/train.jsonl")
+    pre = OmegaConf.to_container(load_config(["data=pretrain", "training_mode=pretrain"]).data, resolve=True)
+    assert pre == dict(DEFAULTS, dataset_name="bundled:pretrain/train.jsonl",
+                       sft=dict(DEFAULTS["sft"], pad_response_to=16))

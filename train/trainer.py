@@ -9,6 +9,7 @@ so a resumed run draws exactly what an unbroken run would have.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -399,7 +400,7 @@ class Trainer:
 
     def _report_exact_match(self, before: dict, after: dict) -> None:
         """Held-out exact match before -> after, and a few answers next to their references."""
-        from train.evaluate import format_examples
+        from train.evaluate import format_examples, is_match
 
         if "eval/exact_match" not in after:
             return
@@ -409,6 +410,12 @@ class Trainer:
         show = int(self.cfg.generation.get("eval_show_examples", 5) or 0)
         for line in format_examples(self.generations, show):
             self.log(line)
+        path = Path(self.cfg.output_dir) / "generations.jsonl"
+        with open(path, "w") as f:  # every scored answer, for a closer look than the few printed
+            for prompt, answer, reference in self.generations:
+                f.write(json.dumps({"prompt": prompt, "answer": answer, "reference": reference,
+                                    "match": is_match(answer, reference)}) + "\n")
+        self.log(f"all {len(self.generations)} answers: {path}")
 
     # ---- the loop --------------------------------------------------------------------------------
     def fit(self) -> RunResult:
