@@ -6,6 +6,7 @@ Public API (torch tensors on the XLA device; see kernels/binding.py):
     masked_cross_entropy(hidden, weight, targets, token_weight, *, backend=None,
                          block_sizes=None) -> loss_sum
     resolve_backend(backend) -> concrete backend name
+    spmd_mesh() -> torch_xla's global mesh when running SPMD over several devices, else None
 
 Backend registry (this module; torch-free so that the pure-JAX kernel modules can register
 themselves and be tested without importing torch):
@@ -132,7 +133,8 @@ def _register_references() -> None:
 
 _register_references()
 
-_BINDING_EXPORTS = ("masked_attention", "masked_cross_entropy", "resolve_backend", "ENV_BACKEND")
+_BINDING_EXPORTS = ("masked_attention", "masked_cross_entropy", "resolve_backend", "ENV_BACKEND",
+                    "spmd_mesh")
 
 __all__ = ["BACKENDS", "OPS", "BackendImpl", "register_backend", "get_backend",
            "available_backends", *_BINDING_EXPORTS]

@@ -15,6 +15,23 @@ static parameters go in the `kwargs` dict as plain hashable values and the funct
 same module-level object: same shapes + same statics = no re-trace and the same HLO, so the
 surrounding torch_xla graph hits its compilation cache too. A closure or functools.partial built
 per call would have a fresh id and re-trace every time.
+
+Custom ops: `_JaxOp` does not call call_jax itself but four torch custom ops
+(`pallas_dlm::{attention,cross_entropy}_{fwd,bwd}`, with fake implementations giving the output
+shapes). AOTAutograd can trace through them, which torch_xla's scan over layers needs
+(model.remat.scan_layers); their real implementation is the call_jax above. A call's static
+arguments (backend, causal, sm_scale, block sizes, sharding) travel as one string key into
+`_CALLS`, since custom-op schemas take only plain scalars.
+
+SPMD (DESIGN.md section 3, "Kernels under SPMD"): when torch_xla runs in SPMD mode with a global
+mesh of more than one device, each kernel call runs inside a manual-sharding region
+(`enable_manual_sharding` / `disable_manual_sharding`, as torch_xla's own Pallas flash attention
+does): every device runs the kernel on its shard of the batch (mesh axes `BATCH_AXES`) and, for
+attention, of the heads (`HEAD_AXIS`), so no full activation, score matrix or logits tensor is
+ever gathered. The cross-entropy's weight is replicated inside the region (FSDP gathers weights
+anyway); its loss and weight gradient are per-shard partial sums, returned with a leading shard
+axis and summed outside the region, which GSPMD lowers to an all-reduce / reduce-scatter. An axis
+whose size does not divide the dimension is left unsharded (computed redundantly, still correct).
 """
 
 from __future__ import annotations
@@ -67,31 +84,198 @@ def _call_jax(fn, args, kwargs):
 #   cross_entropy: fwd -> (loss_sum, lse); bwd(hidden, weight, targets, token_weight, lse, g)
 _SAVES_OUTPUT = {"attention": True, "cross_entropy": False}
 
+# Mesh axes the kernels shard over under SPMD (train/sharding.py builds meshes with these names).
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXIS = "tensor"
+
+# ---- static arguments of a call, by key ---------------------------------------------------------
+
+# key -> (impl, static kwargs, sharding plan or None). A handful of entries per run (one per op,
+# backend, block sizes and shape class), so it is never pruned.
+_CALLS: dict[str, tuple] = {}
+
+
+def _call_key(impl, static: dict, plan) -> str:
+    key = repr((impl.op, impl.name, sorted(static.items()), plan))
+    _CALLS.setdefault(key, (impl, static, plan))
+    return key
+
+
+def _run(key: str, which: str, tensors):
+    impl, static, plan = _CALLS[key]
+    fn = impl.fwd if which == "fwd" else impl.bwd
+    if plan is None:
+        outs = _call_jax(fn, tensors, static)
+    else:
+        in_specs, out_specs = plan[which]
+        outs = _call_jax_sharded(fn, tensors, static, in_specs, out_specs)
+    return tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+
+
+# ---- the custom ops -----------------------------------------------------------------------------
+
+from torch import Tensor  # noqa: E402
+
+
+@torch.library.custom_op("pallas_dlm::attention_fwd", mutates_args=())
+def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, segment_ids: Tensor,
+                      key: str) -> tuple[Tensor, Tensor]:
+    o, lse = _run(key, "fwd", (q, k, v, segment_ids))
+    return o, lse
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, segment_ids, key):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("pallas_dlm::attention_bwd", mutates_args=())
+def _attention_bwd_op(q: Tensor, k: Tensor, v: Tensor, segment_ids: Tensor, o: Tensor,
+                      lse: Tensor, do: Tensor, key: str) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = _run(key, "bwd", (q, k, v, segment_ids, o, lse, do))
+    return dq, dk, dv
+
+
+@_attention_bwd_op.register_fake
+def _(q, k, v, segment_ids, o, lse, do, key):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@torch.library.custom_op("pallas_dlm::cross_entropy_fwd", mutates_args=())
+def _cross_entropy_fwd_op(hidden: Tensor, weight: Tensor, targets: Tensor, token_weight: Tensor,
+                          key: str) -> tuple[Tensor, Tensor]:
+    loss_sum, lse = _run(key, "fwd", (hidden, weight, targets, token_weight))
+    return loss_sum, lse
+
+
+@_cross_entropy_fwd_op.register_fake
+def _(hidden, weight, targets, token_weight, key):
+    return (hidden.new_empty((), dtype=torch.float32),
+            hidden.new_empty(hidden.shape[:1], dtype=torch.float32))
+
+
+@torch.library.custom_op("pallas_dlm::cross_entropy_bwd", mutates_args=())
+def _cross_entropy_bwd_op(hidden: Tensor, weight: Tensor, targets: Tensor, token_weight: Tensor,
+                          lse: Tensor, g: Tensor, key: str) -> tuple[Tensor, Tensor]:
+    d_hidden, d_weight = _run(key, "bwd", (hidden, weight, targets, token_weight, lse, g))
+    return d_hidden, d_weight
+
+
+@_cross_entropy_bwd_op.register_fake
+def _(hidden, weight, targets, token_weight, lse, g, key):
+    return torch.empty_like(hidden), torch.empty_like(weight)
+
+
+_OPS = {("attention", "fwd"): _attention_fwd_op, ("attention", "bwd"): _attention_bwd_op,
+        ("cross_entropy", "fwd"): _cross_entropy_fwd_op,
+        ("cross_entropy", "bwd"): _cross_entropy_bwd_op}
+
 
 class _JaxOp(torch.autograd.Function):
-    """Runs impl.fwd / impl.bwd through call_jax. Arguments: (impl, static, *tensors)."""
+    """Runs impl.fwd / impl.bwd (through the custom ops). Arguments: (key, *tensors)."""
 
     @staticmethod
-    def forward(ctx, impl, static, *tensors):
-        outs = _call_jax(impl.fwd, tensors, static)
-        if not isinstance(outs, (tuple, list)) or len(outs) < 1:
-            raise TypeError(f"kernels: {impl.op}/{impl.name} fwd must return (out, *residuals)")
+    def forward(ctx, key, *tensors):
+        impl = _CALLS[key][0]
+        outs = _OPS[impl.op, "fwd"](*tensors, key)
         out = outs[0]
         # Attention's backward needs its own output (rowsum(dO * O)), so o is saved with lse.
         residuals = tuple(outs) if _SAVES_OUTPUT[impl.op] else tuple(outs[1:])
-        ctx.impl, ctx.static, ctx.num_tensors = impl, static, len(tensors)
+        ctx.key, ctx.op, ctx.num_tensors = key, impl.op, len(tensors)
         ctx.save_for_backward(*tensors, *residuals)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors
-        grads = _call_jax(ctx.impl.bwd, (*saved, grad_out.contiguous()), ctx.static)
+        grads = _OPS[ctx.op, "bwd"](*saved, grad_out.contiguous(), ctx.key)
         grads = tuple(grads) if isinstance(grads, (tuple, list)) else (grads,)
         # Tensors past the differentiable ones (segment_ids, targets, token_weight) get None.
         padded = grads + (None,) * (ctx.num_tensors - len(grads))
-        padded = tuple(g if need else None for g, need in zip(padded, ctx.needs_input_grad[2:]))
-        return (None, None, *padded)
+        padded = tuple(g if need else None for g, need in zip(padded, ctx.needs_input_grad[1:]))
+        return (None, *padded)
+
+
+# ---- SPMD ---------------------------------------------------------------------------------------
+
+
+def spmd_mesh():
+    """torch_xla's global mesh when SPMD is on and the mesh has more than one device, else None."""
+    import sys
+
+    if "torch_xla" not in sys.modules:  # nothing imported torch_xla: certainly not SPMD
+        return None
+    import torch_xla.distributed.spmd as xs
+    import torch_xla.runtime as xr
+
+    if not xr.is_spmd():
+        return None
+    mesh = xs.get_global_mesh()
+    return mesh if mesh is not None and int(mesh.size()) > 1 else None
+
+
+def _mesh_axes(mesh, names, size: int):
+    """The axes among `names` that exist in the mesh with more than one device, as one spec entry,
+    when their product divides `size`; else None (that dimension stays whole on every device)."""
+    shape = mesh.shape()
+    axes = tuple(a for a in names if shape.get(a, 1) > 1)
+    prod = math.prod(shape[a] for a in axes)
+    if not axes or size % prod:
+        return None
+    return axes if len(axes) > 1 else axes[0]
+
+
+def _attention_plan(mesh, q, k):
+    b = _mesh_axes(mesh, BATCH_AXES, q.shape[0])
+    h = _mesh_axes(mesh, (HEAD_AXIS,), math.gcd(q.shape[1], k.shape[1]))
+    if b is None and h is None:
+        return None
+    x, seg, lse = (b, h, None, None), (b, None), (b, h, None)
+    return {"fwd": ((x, x, x, seg), (x, lse)),
+            "bwd": ((x, x, x, seg, x, lse, x), (x, x, x))}
+
+
+# An output spec ("partial", axes) marks a per-shard partial sum over the batch shards.
+def _cross_entropy_plan(mesh, hidden):
+    b = _mesh_axes(mesh, BATCH_AXES, hidden.shape[0])
+    if b is None:
+        return None
+    rows, vec, whole = (b, None), (b,), (None, None)
+    return {"fwd": ((rows, whole, vec, vec), (("partial", b), vec)),
+            "bwd": ((rows, whole, vec, vec, vec, ()), (rows, ("partial", b)))}
+
+
+def _call_jax_sharded(fn, tensors, static, in_specs, out_specs):
+    """call_jax inside a manual-sharding region: each device runs `fn` on its shard."""
+    import torch_xla
+    import torch_xla.distributed.spmd as xs
+
+    mesh = xs.get_global_mesh()
+    shape = mesh.shape()
+    local = []
+    for t, spec in zip(tensors, in_specs):
+        scalar = t.ndim == 0
+        if scalar:
+            t, spec = t.reshape(1), (None,)
+        if torch_xla._XLAC._get_xla_sharding_spec(t):
+            # mark_sharding refuses to change the annotation of a tensor that already has one (an
+            # input sharded on the batch only, say); a view is a fresh IR value it can annotate.
+            t = t.view(t.shape)
+        t = xs.enable_manual_sharding(t, spec, mesh=mesh).global_tensor
+        local.append(t.reshape(()) if scalar else t)
+    outs = _call_jax(fn, local, static)
+    outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+    result = []
+    for o, spec in zip(outs, out_specs):
+        partial = isinstance(spec, tuple) and len(spec) == 2 and spec[0] == "partial"
+        if partial:  # this shard's partial sum, stacked along a new leading shard axis
+            o = o.unsqueeze(0)
+            spec = (spec[1],) + (None,) * (o.ndim - 1)
+        full = tuple(n * math.prod(shape[a] for a in ((s,) if isinstance(s, str) else s or ()))
+                     for n, s in zip(o.shape, spec))
+        o = xs.disable_manual_sharding(o, spec, full, mesh=mesh).global_tensor
+        result.append(o.sum(0) if partial else o)
+    return tuple(result)
 
 
 def _static_kwargs(impl, block_sizes, **base):
@@ -144,7 +328,9 @@ def masked_attention(q, k, v, segment_ids, *, causal: bool = False, sm_scale: fl
     impl = get_backend("attention", name)
     _require_xla(name, "attention", q, k, v, segment_ids)
     static = _static_kwargs(impl, block_sizes, causal=bool(causal), sm_scale=sm_scale)
-    return _JaxOp.apply(impl, static, q, k, v, segment_ids)
+    mesh = spmd_mesh()
+    plan = _attention_plan(mesh, q, k) if mesh is not None else None
+    return _JaxOp.apply(_call_key(impl, static, plan), q, k, v, segment_ids)
 
 
 def masked_cross_entropy(hidden, weight, targets, token_weight, *, backend: str | None = None,
@@ -167,4 +353,6 @@ def masked_cross_entropy(hidden, weight, targets, token_weight, *, backend: str 
     impl = get_backend("cross_entropy", name)
     _require_xla(name, "cross_entropy", hidden, weight, targets, token_weight)
     static = _static_kwargs(impl, block_sizes)
-    return _JaxOp.apply(impl, static, hidden, weight, targets, token_weight)
+    mesh = spmd_mesh()
+    plan = _cross_entropy_plan(mesh, hidden) if mesh is not None else None
+    return _JaxOp.apply(_call_key(impl, static, plan), hidden, weight, targets, token_weight)

@@ -7,10 +7,17 @@ angles position * rope_theta^(-2i/head_dim) in fp32, rotate-half layout; no bias
 scale head_dim^-0.5; final RMSNorm; LM head optionally tied to the embedding.
 
 Parameter names equal Hugging Face `Qwen3ForCausalLM.state_dict()` names, so checkpoints map 1:1
-(`lm_head.weight` exists only when the head is untied).
+(`lm_head.weight` exists only when the head is untied). With `scan_layers=True` the decoder layers'
+weights are stacked ([num_layers, ...], Qwen3StackedLayers) and run as torch_xla's scan; state_dict()
+and load_state_dict() still use the per-layer `model.layers.{i}.*` names.
+
+Under SPMD (train/sharding.py) the model pins a few tensors' layouts through model/sharding.py's
+`constrain` (a no-op on one device); the kernels shard themselves (kernels/binding.py).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn as nn
@@ -18,6 +25,7 @@ import torch.nn.functional as F
 
 import kernels
 from model.config import Qwen3Config
+from model.sharding import constrain
 
 # model.attention_kernel / model.loss_kernel values -> kernels backend names. The seed's names
 # `flash_attention` and `default` stay accepted.
@@ -147,6 +155,63 @@ class Qwen3Model(nn.Module):
         self.norm = Qwen3RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+class Qwen3StackedLayers(nn.Module):
+    """The decoder layers with every weight stacked along a new leading layer axis, for torch_xla's
+    scan (model.remat.scan_layers): `self_attn.q_proj.weight` is [num_layers, out, in], and so on.
+
+    The scan then steps through the stacked weights as they are (nothing is stacked per step), and the
+    gradient and the optimizer see one tensor per kind of weight instead of one per layer, so neither
+    the traced nor the compiled step grows with depth. `state_dict()` still speaks Hugging Face:
+    `model.layers.{i}.<name>` entries (views of row i of the stacked weight), and `load_state_dict`
+    accepts them. Computation goes through `template`, a layer on the meta device (outside the module
+    tree) whose code runs with row i of every weight swapped in (torch.func.functional_call).
+    """
+
+    def __init__(self, layers: nn.ModuleList):
+        super().__init__()
+        self.num_layers = len(layers)
+        first = layers[0]
+        for name, child in first.named_children():  # the same tree as a layer, weights replaced below
+            self.add_module(name, copy.deepcopy(child))
+        with torch.no_grad():
+            for name, _ in list(self.named_parameters()):
+                owner, _, leaf = name.rpartition(".")
+                stacked = torch.stack([layer.get_parameter(name).detach() for layer in layers])
+                setattr(self.get_submodule(owner), leaf, nn.Parameter(stacked))
+        object.__setattr__(self, "template", copy.deepcopy(first).to("meta"))
+        self.register_state_dict_post_hook(_unstack_state)
+        self.register_load_state_dict_pre_hook(_stack_state)
+
+    def layer_weights(self, i: int | None = None) -> dict[str, torch.Tensor]:
+        """{name inside a layer: stacked weight}, or layer i's row of each."""
+        weights = dict(self.named_parameters())
+        return weights if i is None else {n: w[i] for n, w in weights.items()}
+
+    def set_attention(self, backend, block_sizes) -> None:
+        self.template.self_attn.backend = backend
+        self.template.self_attn.block_sizes = block_sizes
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("Qwen3StackedLayers runs through Qwen3ForDiffusionLM.forward")
+
+
+def _unstack_state(module, state_dict, prefix, local_metadata) -> None:
+    for name in [n for n, _ in module.named_parameters()]:
+        stacked = state_dict.pop(prefix + name)
+        for i in range(module.num_layers):
+            state_dict[f"{prefix}{i}.{name}"] = stacked[i]
+
+
+def _stack_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                 error_msgs) -> None:
+    for name in [n for n, _ in module.named_parameters()]:
+        rows = [state_dict.get(f"{prefix}{i}.{name}") for i in range(module.num_layers)]
+        if all(r is not None for r in rows) and prefix + name not in state_dict:
+            for i in range(module.num_layers):
+                del state_dict[f"{prefix}{i}.{name}"]
+            state_dict[prefix + name] = torch.stack([r.detach() for r in rows])
+
+
 class Qwen3ForDiffusionLM(nn.Module):
     """Qwen3 returning final-norm hidden states; the LM head is applied by the loss kernel.
 
@@ -159,10 +224,14 @@ class Qwen3ForDiffusionLM(nn.Module):
                  attention_kernel: str = "reference", loss_kernel: str = "reference",
                  attention_kernel_config: dict | None = None,
                  loss_kernel_config: dict | None = None,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, scan_layers: bool = False):
         super().__init__()
         # Recompute each decoder layer in backward instead of keeping its activations.
         self.gradient_checkpointing = bool(gradient_checkpointing)
+        # Keep the decoder layers' weights stacked (Qwen3StackedLayers) and, on XLA, run them as one
+        # torch_xla scan (a While loop): one layer is traced and compiled whatever the depth.
+        self.scan_layers = bool(scan_layers)
+        self._scan_fns: dict = {}
         self.config = config.validate()
         self.causal = bool(causal)
         self.attention_kernel = resolve_kernel(attention_kernel, "model.attention_kernel")
@@ -174,6 +243,18 @@ class Qwen3ForDiffusionLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.reset_parameters()
+        if self.scan_layers:  # initialised layer by layer first: the same weights as unstacked
+            self.model.layers = Qwen3StackedLayers(self.model.layers)
+
+    def decoder_layers(self) -> list[nn.Module]:
+        """The decoder layers as modules (empty when they are stacked for scan)."""
+        return [] if self.scan_layers else list(self.model.layers)
+
+    def stacked_parameter_names(self) -> set[str]:
+        """Parameters that hold all decoder layers along a leading axis (model.remat.scan_layers)."""
+        if not self.scan_layers:
+            return set()
+        return {f"model.layers.{n}" for n, _ in self.model.layers.named_parameters()}
 
     def set_kernels(self, *, attention_kernel: str | None = None, loss_kernel: str | None = None,
                     attention_kernel_config=None, loss_kernel_config=None) -> None:
@@ -187,9 +268,21 @@ class Qwen3ForDiffusionLM(nn.Module):
             self.loss_kernel = resolve_kernel(loss_kernel, "model.loss_kernel")
         if loss_kernel_config is not None:
             self.loss_kernel_config = _plain_config(loss_kernel_config)
-        for layer in self.model.layers:
+        for layer in self.decoder_layers():
             layer.self_attn.backend = self.attention_kernel
             layer.self_attn.block_sizes = self.attention_kernel_config
+        if self.scan_layers:
+            self.model.layers.set_attention(self.attention_kernel, self.attention_kernel_config)
+
+    def add_backward_optimization_barriers(self) -> None:
+        """An XLA optimization barrier on each decoder layer's gradients (torch_xla's
+        apply_backward_optimization_barrier), so XLA cannot merge the layers' backward passes into
+        one huge buffer. Needs the model on the XLA device. (A scanned stack is one While loop: its
+        layers are already kept apart.)"""
+        import torch_xla.distributed.spmd as xs
+
+        for layer in self.decoder_layers():
+            xs.apply_backward_optimization_barrier(layer)
 
     # ---- parameters ----------------------------------------------------------------------------
 
@@ -235,16 +328,67 @@ class Qwen3ForDiffusionLM(nn.Module):
             segment_ids = torch.ones((b, l), dtype=torch.int32, device=input_ids.device)
         if position_ids is None:
             position_ids = torch.arange(l, device=input_ids.device).expand(b, l)
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        x = F.embedding(input_ids, constrain(self.model.embed_tokens.weight, "embedding_table"))
         segment_ids = segment_ids.to(torch.int32)
+        if self.scan_layers:
+            return self.model.norm(self._stacked_layers(x, position_ids, segment_ids))
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         checkpoint = _checkpoint_fn(x) if self.gradient_checkpointing and self.training else None
         for layer in self.model.layers:
+            x = constrain(x, "decoder_input")
             if checkpoint is not None and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, segment_ids)
             else:
                 x = layer(x, cos, sin, segment_ids)
         return self.model.norm(x)
+
+    def _stacked_layers(self, x, position_ids, segment_ids):
+        """The stacked decoder layers: on XLA one torch_xla scan over the stacked weights, each step
+        one layer (RoPE angles recomputed inside the step from the positions: cheap and elementwise,
+        and the only per-step inputs besides the weights are two int32 [B, L] maps). With gradient
+        checkpointing, AOTAutograd's min-cut partitioner decides what the backward recomputes
+        instead of keeping. Elsewhere (CPU tensors) a plain loop over the rows of the weights."""
+        stack = self.model.layers
+        if x.device.type != "xla":
+            cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+            for i in range(stack.num_layers):
+                x = torch.func.functional_call(stack.template, stack.layer_weights(i),
+                                               (x, cos, sin, segment_ids), strict=True)
+            return x
+        from torch_xla.experimental.scan import scan
+
+        remat = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if remat:
+            from functorch.compile import min_cut_rematerialization_partition as partition
+        else:
+            from functorch.compile import default_partition as partition
+        n = stack.num_layers
+        ints = tuple(t.to(torch.int32).expand(n, *t.shape) for t in (position_ids, segment_ids))
+        x, _ = scan(self._scan_fn(remat), x, (stack.layer_weights(), *ints), partition_fn=partition,
+                    is_fn_pure=True)
+        return x
+
+    def _scan_fn(self, remat: bool):
+        """One step of the scan, kept per kernel setting: scan caches its traced graphs by the
+        function's identity, so the same function must come back on every call."""
+        template = self.model.layers.template
+        attn = template.self_attn
+        key = (attn.backend, repr(attn.block_sizes), attn.causal, remat)
+        fn = self._scan_fns.get(key)
+        if fn is None:
+            head_dim, theta = self.config.head_dim, self.config.rope_theta
+
+            def fn(x, xs):
+                weights, position_ids, segment_ids = xs
+                cos, sin = rope_cos_sin(position_ids, head_dim, theta, x.dtype)
+                x = constrain(x, "decoder_input")
+                # the layer's code with this step's row of every stacked weight swapped in
+                out = torch.func.functional_call(template, weights, (x, cos, sin, segment_ids),
+                                                 strict=True)
+                return out, None
+
+            self._scan_fns[key] = fn
+        return fn
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [..., V] (generation, evaluation; training uses the loss kernel)."""
@@ -253,7 +397,8 @@ class Qwen3ForDiffusionLM(nn.Module):
     def extra_repr(self) -> str:
         return (f"causal={self.causal}, attention_kernel={self.attention_kernel!r}, "
                 f"loss_kernel={self.loss_kernel!r}, "
-                f"gradient_checkpointing={self.gradient_checkpointing}")
+                f"gradient_checkpointing={self.gradient_checkpointing}, "
+                f"scan_layers={self.scan_layers}")
 
 
 def _checkpoint_fn(x: torch.Tensor):

@@ -2,10 +2,12 @@
 # Masked-diffusion continued pretraining of Qwen3-1.7B (the seed's `flex-qwen-1b` pretraining recipe, in our form).
 # Start from the autoregressive Hugging Face weights (INIT, a local directory or a pallas-dlm checkpoint) and adapt
 # them to bidirectional masked diffusion on plain text (DATASET: local files, a HF dataset name, or gs://...).
-# Mesh: ici_mesh.fsdp must equal the number of chips of the slice (e.g. 8 on a v5p-16 / v6e-8 host).
+# Mesh (README "Scaling out"): FSDP over the CHIPS chips of each slice (e.g. 8 on a v5p-16 or v6e-8), data parallel
+# over SLICES slices.
 set -euo pipefail
 : "${DATASET:?set DATASET to the pretraining text (folder, file, HF dataset name or gs:// path)}"
 CHIPS="${CHIPS:-8}"
+SLICES="${SLICES:-1}"
 exec python -m train.run \
   training_mode=pretrain data=pretrain model=flex-qwen-1b \
   ${INIT:+init_from=$INIT} \
@@ -14,7 +16,8 @@ exec python -m train.run \
   optimizer.type=adafactor optimizer.learning_rate=3.0e-4 optimizer.weight_decay=0.0 \
   lr_scheduler.type=cosine lr_scheduler.warmup_steps=1000 lr_scheduler.min_lr_ratio=0.1 \
   diffusion.loss_norm=maskable diffusion.shift_logits=true \
-  ici_mesh.fsdp="$CHIPS" \
+  ici_mesh.fsdp="$CHIPS" dcn_mesh.data="$SLICES" \
+  model.remat.activation_checkpoint_layers='[Qwen3DecoderLayer]' model.remat.scan_layers=model.layers \
   logging_steps=10 save_steps=1000 eval_steps=1000 \
   output_dir="${OUTPUT_DIR:-outputs/qwen3-1.7b-pretrain}" \
   "$@"

@@ -5,7 +5,9 @@
 set -euo pipefail
 : "${INIT:?set INIT to the pretrained checkpoint (e.g. outputs/qwen3-1.7b-pretrain/checkpoints/step-00020000)}"
 : "${DATASET:?set DATASET to the instruction data (file, folder, HF dataset name or gs:// path)}"
+# Mesh (README "Scaling out"): FSDP over the CHIPS chips of each slice, data parallel over SLICES slices.
 CHIPS="${CHIPS:-8}"
+SLICES="${SLICES:-1}"
 exec python -m train.run \
   training_mode=sft data=sft model=flex-qwen-1b init_from="$INIT" \
   data.dataset_name="$DATASET" data.sft.format="${FORMAT:-alpaca}" data.sft.template=qwen3 \
@@ -13,7 +15,8 @@ exec python -m train.run \
   global_batch_size=64 max_steps=3000 \
   optimizer.type=adamw optimizer.learning_rate=2.0e-5 optimizer.weight_decay=0.0 \
   lr_scheduler.type=cosine lr_scheduler.warmup_steps=100 lr_scheduler.min_lr_ratio=0.0 \
-  ici_mesh.fsdp="$CHIPS" \
+  ici_mesh.fsdp="$CHIPS" dcn_mesh.data="$SLICES" \
+  model.remat.activation_checkpoint_layers='[Qwen3DecoderLayer]' model.remat.scan_layers=model.layers \
   logging_steps=10 save_steps=500 eval_steps=500 \
   output_dir="${OUTPUT_DIR:-outputs/qwen3-1.7b-sft}" \
   "$@"

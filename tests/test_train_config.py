@@ -39,6 +39,9 @@ def test_seed_kernel_names_are_aliases():
     ("lr_scheduler.type=step", "lr_scheduler.type", "cosine"),
     ("diffusion.loss_norm=mean", "diffusion.loss_norm", "maskable"),
     ("model.attention_kernel=flashy", "model.attention_kernel", "pallas"),
+    ("model.remat.scan_layers=layers", "model.remat.scan_layers", "model.layers"),
+    ("model.remat.activation_checkpoint_layers=[LlamaDecoderLayer]", "model.remat.activation_checkpoint_layers",
+     "Qwen3DecoderLayer"),
 ])
 def test_invalid_values_stop_with_one_line_naming_key_and_allowed(override, key, allowed):
     with pytest.raises((ConfigError, ValueError)) as info:
@@ -72,6 +75,24 @@ def test_mesh_product_must_equal_device_count():
         check_batch_and_mesh(cfg, device_count=1)
     cfg = load_config(["ici_mesh.fsdp=2", "ici_mesh.data=2", "global_batch_size=8"])
     assert check_batch_and_mesh(cfg, device_count=4) == 8
+
+
+def test_seed_remat_keys_switch_the_model_levers():
+    from train.config import remat_settings
+
+    assert remat_settings(load_config([])) == {"gradient_checkpointing": False, "scan_layers": False,
+                                               "optimization_barrier": False}
+    cfg = load_config(["model.remat.activation_checkpoint_layers=[Qwen3DecoderLayer]",
+                       "model.remat.optimization_barrier_layers=[Qwen3DecoderLayer]",
+                       "model.remat.scan_layers=model.layers"])
+    assert remat_settings(cfg) == {"gradient_checkpointing": True, "scan_layers": True, "optimization_barrier": True}
+
+
+def test_expert_axis_is_refused_for_a_dense_model():
+    from train.sharding import setup_mesh
+
+    with pytest.raises(ConfigError, match="ici_mesh.expert / dcn_mesh.expert: Qwen3 is a dense model"):
+        setup_mesh(load_config(["ici_mesh.expert=2"]))
 
 
 def test_resume_and_init_from_are_exclusive():

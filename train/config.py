@@ -114,9 +114,44 @@ def validate(cfg: DictConfig) -> None:
     resume = cfg.resume_from_checkpoint
     if resume is not None and resume != "latest" and not (isinstance(resume, int) and resume >= 0):
         raise ConfigError(f"resume_from_checkpoint: {resume!r}; allowed: null, latest, or a step number")
+    _remat(cfg)
     eps = cfg.diffusion.sampling_eps
     if not (isinstance(eps, (int, float)) and 0 < eps < 1):
         raise ConfigError(f"diffusion.sampling_eps: must be in (0, 1), got {eps!r}")
+
+
+REMAT_LAYERS = ("Qwen3DecoderLayer",)
+SCAN_TARGETS = ("model.layers",)
+
+
+def _remat(cfg: DictConfig) -> None:
+    """model.remat.*: layer-class lists name the decoder layer (the only repeated block); scan_layers
+    names the layer list to scan."""
+    remat = cfg.model.get("remat") or {}
+    for key in ("activation_checkpoint_layers", "optimization_barrier_layers"):
+        value = remat.get(key) or []
+        if isinstance(value, str):
+            value = [value]
+        bad = [v for v in value if v not in REMAT_LAYERS]
+        if bad or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"model.remat.{key}: unknown layer class {bad[0] if bad else value!r}; "
+                              f"allowed: {', '.join(REMAT_LAYERS)} (or an empty list)")
+    scan = remat.get("scan_layers")
+    if scan is not None and scan not in SCAN_TARGETS:
+        raise ConfigError(f"model.remat.scan_layers: unknown value {scan!r}; allowed: null, {', '.join(SCAN_TARGETS)}")
+
+
+def remat_settings(cfg: DictConfig) -> dict[str, bool]:
+    """model.remat.* as the model's switches: gradient_checkpointing, scan_layers, optimization_barrier."""
+    remat = cfg.model.get("remat") or {}
+
+    def listed(key):
+        value = remat.get(key) or []
+        return bool([value] if isinstance(value, str) else list(value))
+
+    return {"gradient_checkpointing": listed("activation_checkpoint_layers"),
+            "scan_layers": remat.get("scan_layers") is not None,
+            "optimization_barrier": listed("optimization_barrier_layers")}
 
 
 def mesh_size(cfg: DictConfig, scope: str) -> int:

@@ -9,11 +9,14 @@ from omegaconf import DictConfig
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    # Norm scales (1-D tensors) are not decayed, as is usual for transformer training.
+    # Norm scales (1-D tensors) are not decayed, as is usual for transformer training. Decoder weights
+    # stacked for scan (model.remat.scan_layers) carry one extra, leading, layer dimension.
+    stacked = model.stacked_parameter_names() if hasattr(model, "stacked_parameter_names") else set()
     decay, no_decay = [], []
-    for param in model.parameters():
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            ndim = param.ndim - (name in stacked)
+            (decay if ndim >= 2 else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from train import checkpoint as ckpt
-from train import runtime
+from train import runtime, sharding
 from train.config import check_batch_and_mesh, checkpoint_dir
 from train.metrics import MetricsLogger, plot_loss_curve
 from train.optim import build_optimizer, build_scheduler, init_optimizer_state
@@ -160,8 +160,10 @@ def _plain(node):
 
 def build_model(cfg: DictConfig, tokenizer, device: torch.device | None = None) -> torch.nn.Module:
     from model.qwen3 import Qwen3ForDiffusionLM
+    from train.config import remat_settings
 
     torch.manual_seed(int(cfg.seed))  # weights are initialised on the host, identically on every rank
+    remat = remat_settings(cfg)
     model = Qwen3ForDiffusionLM(
         model_config(cfg, tokenizer),
         causal=bool(cfg.model.causal),
@@ -169,8 +171,13 @@ def build_model(cfg: DictConfig, tokenizer, device: torch.device | None = None) 
         loss_kernel=cfg.model.loss_kernel,
         attention_kernel_config=_plain(cfg.model.attention_kernel_config),
         loss_kernel_config=_plain(cfg.model.loss_kernel_config),
+        gradient_checkpointing=remat["gradient_checkpointing"],
+        scan_layers=remat["scan_layers"],
     )
-    return model.to(device) if device is not None else model
+    model = model.to(device) if device is not None else model
+    if remat["optimization_barrier"] and device is not None and device.type == "xla":
+        model.add_backward_optimization_barriers()
+    return model
 
 
 def diffusion_config(cfg: DictConfig, tokenizer):
@@ -192,7 +199,8 @@ def noise_generator(*keys: int) -> torch.Generator:
 
 
 def batch_to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
+    # Under SPMD each array is split along the batch over the mesh's data/fsdp axes.
+    return {k: sharding.to_device(torch.from_numpy(np.ascontiguousarray(v)), device) for k, v in batch.items()}
 
 
 def non_padding_tokens(batch: dict[str, np.ndarray]) -> int:
@@ -260,12 +268,16 @@ class Trainer:
 
         self.cfg = cfg
         self.log = log
-        self.device = runtime.xla_device()
         self.micro_rows = check_batch_and_mesh(cfg, runtime.device_count())
+        # A mesh of several devices: SPMD (train/sharding.py), switched on before the device exists.
+        self.mesh = sharding.setup_mesh(cfg)
+        self.device = runtime.xla_device()
         resolve_hf_init(cfg, log)  # init_from=<HF dir>: architecture and tokenizer from the directory
         self.tokenizer = build_tokenizer(cfg)
         self.diff_cfg = diffusion_config(cfg, self.tokenizer)
         self.model = build_model(cfg, self.tokenizer, self.device)
+        if self.mesh is not None:
+            sharding.shard_model(self.model, self.mesh)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.stream = build_batch_stream(cfg.data, self.tokenizer, training_mode=cfg.training_mode,
@@ -290,16 +302,31 @@ class Trainer:
             self.log(f"init_from: weights of {loaded.path} (step {loaded.step}); fresh optimizer, schedule, step")
         elif cfg.resume_from_checkpoint is not None:
             path = ckpt.resolve_checkpoint(self.ckpt_dir, cfg.resume_from_checkpoint)
-            loaded = ckpt.load_checkpoint(path)
-            ckpt.load_model_weights(self.model, loaded.model_state, str(path))
-            if loaded.optimizer_state is not None:
-                self.optimizer.load_state_dict(loaded.optimizer_state)
-            self.scheduler.load_state_dict(loaded.trainer_state["scheduler"])
-            self.stream.load_state_dict(loaded.trainer_state["data"])
-            self.step = loaded.step
+            if self.mesh is not None and ckpt.is_sharded_checkpoint(path) and self._optimizer_state_ready():
+                # Each device reads its own pieces, whatever mesh wrote them.
+                loaded = ckpt.load_sharded_into(path, self.model, self.optimizer)
+            else:
+                loaded = ckpt.load_checkpoint(path)
+                ckpt.load_model_weights(self.model, loaded.model_state, str(path))
+                if loaded.optimizer_state is not None:
+                    ckpt.load_optimizer_state(self.optimizer, loaded.optimizer_state, str(path))
+                loaded = loaded.trainer_state
+            self.scheduler.load_state_dict(loaded["scheduler"])
+            self.stream.load_state_dict(loaded["data"])
+            self.step = int(loaded["step"])
             self.log(f"resumed from {path} at step {self.step}")
         init_optimizer_state(self.optimizer)  # after a resume this finds the loaded state and does nothing
+        if self.mesh is not None:  # loaded weights arrive replicated; state follows its parameter
+            sharding.shard_model(self.model, self.mesh)
+            sharding.shard_optimizer_state(self.optimizer, self.model, self.mesh)
         runtime.sync()  # materialise weights and state as device data, so they are inputs of the step graph
+
+    def _optimizer_state_ready(self) -> bool:
+        """Create (and shard) the optimizer state a sharded checkpoint is loaded into in place; False
+        for optimizers whose state only exists after a step (then it is read on the host)."""
+        init_optimizer_state(self.optimizer)
+        sharding.shard_optimizer_state(self.optimizer, self.model, self.mesh)
+        return all(self.optimizer.state.get(p) for g in self.optimizer.param_groups for p in g["params"])
 
     def _load_hf_weights(self, root: Path) -> None:
         """Weights of a Hugging Face Qwen3 directory (safetensors only), checked tensor by tensor."""
@@ -336,7 +363,8 @@ class Trainer:
 
     def save(self) -> Path:
         return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
-                                    self._trainer_state(), keep=self.cfg.save_total_limit)
+                                    self._trainer_state(), keep=self.cfg.save_total_limit,
+                                    sharded=self.mesh is not None)
 
     # ---- one optimizer step --------------------------------------------------------------------
     def train_step(self) -> tuple[dict[str, torch.Tensor], int]:
@@ -357,7 +385,8 @@ class Trainer:
             t, u = t_all[micro * rows:(micro + 1) * rows], u_all[micro * rows:(micro + 1) * rows]
             with autocast_context(cfg):
                 loss, stats = diffusion_loss(self.model, batch_to_device(batch, self.device),
-                                             t.to(self.device), u.to(self.device), self.diff_cfg)
+                                             sharding.to_device(t, self.device), sharding.to_device(u, self.device),
+                                             self.diff_cfg)
             (loss / accum).backward()
             loss_total = loss_total + loss.detach() / accum
             positions = positions + stats["num_loss_positions"]
@@ -426,7 +455,7 @@ class Trainer:
         self.log(self.stream.format_summary())
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log(f"model {cfg.model.preset}: {n_params / 1e6:.2f}M parameters, vocab {self.model.config.vocab_size}, "
-                 f"tokenizer {self.tokenizer.name}, device {runtime.device_kind()}, "
+                 f"tokenizer {self.tokenizer.name}, device {runtime.device_kind()} ({sharding.describe(self.mesh)}), "
                  f"{cfg.global_batch_size} rows x {cfg.data.block_size} tokens per step")
         result = RunResult(steps_done=self.step, output_dir=out)
         result.initial_eval = self.evaluate()
