@@ -1,128 +1,88 @@
-"""Masked attention on CPU, plain JAX: the Pallas kernels (interpret mode) against the dense
-pure-jnp reference, and the effect of work skipping (4 equal packed segments per row vs 1).
+"""Masked attention: our Pallas kernel against the dense reference and the naive path.
 
-Each case times one jitted forward + backward (the hand-written backward from the saved lse, as
-the torch binding runs it). Figures go to bench/results/attention.json: medians, the matmul FLOPs
-the kernels actually ran (skipped blocks excluded; the reference always does the dense 2 + 5
-matmuls) and the ratios. Interpreted kernels on CPU are for correctness and the CPU path; the
-point measured here is how time follows the skipped work, not absolute speed.
+Through the torch binding on the XLA device, as the model calls it, forward and forward+backward,
+one case per process (time and peak memory):
 
-    pytest bench/test_bench_attention.py --benchmark-only
+* pallas: kernels/pallas_attention.py (Pallas' interpreter on CPU, Mosaic on TPU); GQA without
+  repeating K/V; blocks whose segments cannot meet are skipped.
+* reference: kernels/reference.py, dense pure jnp through call_jax.
+* naive: kernels/naive.py, the seed's design: K/V repeated to every query head, dense [B, H, L, L]
+  fp32 scores plus an additive mask, torch ops traced by torch_xla.
+
+Each at 1 and 4 equal packed segments per row. With 4 segments, block size = segment length, a
+row's (query block, key block) pairs that can interact are 4 of 16, so the kernel's time should
+fall towards 1/4 (`attn_4seg_over_1seg_time`) while the dense paths' stays put.
+
+    pytest bench/test_bench_attention.py --benchmark-only [--fast]
 """
 
-import functools
-import json
-import os
-import platform
-import time
-from pathlib import Path
+from __future__ import annotations
 
-import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
-import jax.numpy as jnp  # noqa: E402
+from bench import harness
 
-from kernels import pallas_attention as pa  # noqa: E402
-from kernels import reference as ref  # noqa: E402
+FULL = dict(B=1, Hq=4, Hkv=2, L=1024, D=128, block_sizes={"block_q": 256, "block_k": 256})
+FAST = dict(B=1, Hq=4, Hkv=2, L=1024, D=64, block_sizes={"block_q": 256, "block_k": 256})
+ROUNDS = {"full": 7, "fast": 7}
+GROUP = "attention"
 
-B, HQ, HKV, L, D = 1, 4, 2, 1024, 128
-DTYPE = jnp.float32  # bf16 matmuls are emulated on CPU; fp32 measures the schedule, not emulation
-BLOCKS = pa.BlockSizes(256, 256)  # one block per 256-token segment: skipping is exact
-ROUNDS = 5
-RESULTS_PATH = Path(__file__).parent / "results" / "attention.json"
-
-_results: dict = {}
+# (impl, segments, mode); the fast subset runs the pair behind attn_4seg_over_1seg_time
+CASES = [(impl, seg, mode) for mode in ("fwd_bwd", "fwd") for impl in ("pallas", "reference", "naive")
+         for seg in (1, 4)]
+FAST_CASES = {("pallas", 1, "fwd_bwd"), ("pallas", 4, "fwd_bwd")}
 
 
-def _segments(n_segments):
-    ids = np.repeat(np.arange(1, n_segments + 1, dtype=np.int32), L // n_segments)
-    return jnp.asarray(np.broadcast_to(ids, (B, L)))
+def _name(impl, seg, mode):
+    return f"attention-{impl}-{seg}seg-{mode}"
 
 
-def _inputs():
-    keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    q = jax.random.normal(keys[0], (B, HQ, L, D), DTYPE)
-    k = jax.random.normal(keys[1], (B, HKV, L, D), DTYPE)
-    v = jax.random.normal(keys[2], (B, HKV, L, D), DTYPE)
-    do = jax.random.normal(keys[3], (B, HQ, L, D), DTYPE)
-    return q, k, v, do
+def _params():
+    for case in CASES:
+        marks = [pytest.mark.fast] if case in FAST_CASES else []
+        yield pytest.param(*case, id=_name(*case).removeprefix("attention-"), marks=marks)
 
 
-@functools.partial(jax.jit, static_argnames=("causal",))
-def _kernel_fwd_bwd(q, k, v, seg, do, *, causal):
-    static = dict(causal=causal, sm_scale=None, block_sizes=BLOCKS, interpret=True)
-    o, lse = pa.attention_fwd(q, k, v, seg, **static)
-    return pa.attention_bwd(q, k, v, seg, o, lse, do, **static)
+@pytest.mark.parametrize(("impl", "segments", "mode"), list(_params()))
+def test_attention(benchmark, record_figure, impl, segments, mode):
+    shape = FAST if harness.is_fast() else FULL
+    spec = dict(builder="bench.cases:attention", impl=impl, segments=segments, mode=mode,
+                warmup=1, **shape)
+    res = harness.measure(benchmark, _name(impl, segments, mode), spec,
+                          rounds=ROUNDS[harness.size()], group=f"{GROUP} {mode}")
+    assert res["compiles_during_rounds"] == 0, "the case recompiled between rounds"
+    record_figure.many(_figures())
 
 
-@functools.partial(jax.jit, static_argnames=("causal",))
-def _reference_fwd_bwd(q, k, v, seg, do, *, causal):
-    o, lse = ref.attention_reference_fwd(q, k, v, seg, causal=causal, sm_scale=None)
-    return ref.attention_reference_bwd(q, k, v, seg, o, lse, do, causal=causal, sm_scale=None)
+def _figures():
+    """Every figure whose cases have run in this session (recorded again as more cases finish)."""
+    figs = []
+    n = _name
 
+    def add(fig, value, unit, note):
+        if value is not None:
+            figs.append((fig, value, unit, note))
 
-def _write_results():
-    res = _results
-    ratios = {}
-
-    def ratio(name, num, den):
-        if num in res and den in res:
-            ratios[name] = res[num]["median_s"] / res[den]["median_s"]
-
-    ratio("kernel_4seg_over_1seg", "kernel-4seg", "kernel-1seg")
-    ratio("kernel_causal_over_bidir", "kernel-1seg-causal", "kernel-1seg")
-    ratio("reference_4seg_over_1seg", "reference-4seg", "reference-1seg")
-    ratio("kernel_over_reference_1seg", "kernel-1seg", "reference-1seg")
-    ratio("kernel_over_reference_4seg", "kernel-4seg", "reference-4seg")
-    payload = {
-        "what": "masked attention forward+backward, plain JAX on CPU; kernel = Pallas "
-                "interpret=True, reference = dense jnp",
-        "config": {"B": B, "Hq": HQ, "Hkv": HKV, "L": L, "D": D, "dtype": jnp.dtype(DTYPE).name,
-                   "block_sizes": [BLOCKS.block_q, BLOCKS.block_k], "rounds": ROUNDS,
-                   "jax": jax.__version__, "machine": platform.machine(),
-                   "cpus": os.cpu_count()},
-        "results": res,
-        "ratios": ratios,
-        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS_PATH.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(RESULTS_PATH)
-
-
-CASES = {
-    # name: (implementation, segments per row, causal)
-    "reference-1seg": ("reference", 1, False),
-    "reference-4seg": ("reference", 4, False),
-    "kernel-1seg": ("kernel", 1, False),
-    "kernel-4seg": ("kernel", 4, False),
-    "kernel-1seg-causal": ("kernel", 1, True),
-}
-
-
-@pytest.mark.parametrize("case", list(CASES), ids=str)
-def test_attention_fwd_bwd(benchmark, case):
-    impl, n_seg, causal = CASES[case]
-    q, k, v, do = _inputs()
-    seg = _segments(n_seg)
-    fn = _kernel_fwd_bwd if impl == "kernel" else _reference_fwd_bwd
-    run = lambda: jax.block_until_ready(fn(q, k, v, seg, do, causal=causal))  # noqa: E731
-    run()  # compile outside the timed rounds
-    benchmark.group = "attention fwd+bwd"
-    benchmark.extra_info.update(impl=impl, segments=n_seg, causal=causal)
-    benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-
-    if impl == "kernel":
-        flops = pa.attention_matmul_flops(seg, HQ, D, causal=causal, block_sizes=BLOCKS)
-    else:  # dense: QK^T, PV forward; QK^T, dO V^T, dS K, dS^T Q, P^T dO backward
-        flops = 7 * 2 * B * HQ * L * L * D
-    stats = benchmark.stats.stats
-    _results[case] = {
-        "median_s": stats.median, "mean_s": stats.mean, "min_s": stats.min,
-        "rounds": stats.rounds, "matmul_flops": flops,
-        "gflop_per_s": flops / stats.median / 1e9,
-    }
-    benchmark.extra_info["matmul_flops"] = flops
-    _write_results()
+    add("attn_4seg_over_1seg_time",
+        harness.ratio(n("pallas", 4, "fwd_bwd"), n("pallas", 1, "fwd_bwd")), "x",
+        "pallas fwd+bwd time, 4 packed segments / 1 (skipped blocks; ideal 0.25)")
+    add("attn_4seg_over_1seg_wall_time",
+        harness.ratio(n("pallas", 4, "fwd_bwd"), n("pallas", 1, "fwd_bwd"), "wall"), "x",
+        "the same in wall-clock time (shared machine: noisy)")
+    add("attn_fwd_4seg_over_1seg_time",
+        harness.ratio(n("pallas", 4, "fwd"), n("pallas", 1, "fwd")), "x",
+        "pallas forward time, 4 segments / 1")
+    add("attn_reference_4seg_over_1seg_time",
+        harness.ratio(n("reference", 4, "fwd_bwd"), n("reference", 1, "fwd_bwd")), "x",
+        "dense reference fwd+bwd, 4 segments / 1 (no skipping: ~1)")
+    for seg in (1, 4):
+        add(f"attn_speedup_vs_naive_{seg}seg",
+            harness.ratio(n("naive", seg, "fwd_bwd"), n("pallas", seg, "fwd_bwd")), "x",
+            f"naive fwd+bwd time / pallas, {seg} segment(s)")
+        add(f"attn_speedup_vs_reference_{seg}seg",
+            harness.ratio(n("reference", seg, "fwd_bwd"), n("pallas", seg, "fwd_bwd")), "x",
+            f"reference fwd+bwd time / pallas, {seg} segment(s)")
+    add("attn_peak_mem_ratio_naive_over_pallas",
+        harness.ratio(n("naive", 1, "fwd_bwd"), n("pallas", 1, "fwd_bwd"), "working_set_bytes"),
+        "x", "fwd+bwd working set (peak RSS - baseline), naive / pallas, 1 segment")
+    return figs

@@ -1,0 +1,1 @@
+"""pallas-dlm benchmarks (pytest-benchmark suites); see bench/README.md and `make bench`."""
