@@ -103,15 +103,15 @@ def one(out: Path) -> None:
     torch.save(one_step(Trainer(config(out / "one", {}), log=lambda *a: None)), out / "one.pt")
 
 
-def restore(out: Path) -> None:
-    """A trainer on another mesh (fsdp=2 x tensor=2) resuming the fsdp=4 run's checkpoint."""
+def restore(out: Path, mesh: dict = RESTORE_MESH, name: str = "restored") -> None:
+    """A trainer on another mesh (default fsdp=2 x tensor=2) resuming the fsdp=4 run's checkpoint."""
     import torch_xla
 
     from train.trainer import Trainer
 
     saved = torch.load(out / "fsdp4.pt")
     ckpt_dir = Path(saved["checkpoint"]).parent
-    trainer = Trainer(config(out / "restored", RESTORE_MESH, f"checkpoint_dir={ckpt_dir}",
+    trainer = Trainer(config(out / name, mesh, f"checkpoint_dir={ckpt_dir}",
                              "resume_from_checkpoint=latest"), log=lambda *a: None)
     torch.save({"step": trainer.step, "mesh": {a: int(n) for a, n in trainer.mesh.shape().items()},
                 "params": {n: p.detach().cpu() for n, p in trainer.model.named_parameters()},
@@ -119,10 +119,15 @@ def restore(out: Path) -> None:
                             for n, p in trainer.model.named_parameters()},
                 "param_specs": {n: torch_xla._XLAC._get_xla_sharding_spec(p)
                                 for n, p in trainer.model.named_parameters()}},
-               out / "restored.pt")
+               out / f"{name}.pt")
+
+
+def restore_on_two(out: Path) -> None:
+    """The same checkpoint restored by a 2-device process on fsdp=2 (CPU_NUM_DEVICES=2)."""
+    restore(out, {"fsdp": 2}, "restored_fsdp2")
 
 
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
-    {"steps": steps, "one": one}[mode](out)
+    {"steps": steps, "one": one, "restore2": restore_on_two}[mode](out)
     print(json.dumps({"ok": mode, "devices": os.environ.get("CPU_NUM_DEVICES")}))

@@ -4,7 +4,8 @@ SPMD has to be switched on before any XLA tensor exists and this process already
 (conftest.py), so the sharded runs happen in subprocesses (tests/spmd_worker.py), started once per module:
   - one process on 4 devices: one training step (the tiny 2-layer model, both Pallas kernels in interpret
     mode, 8 rows x 32 tokens) on fsdp=4, data=2 x fsdp=2 and fsdp=2 x tensor=2; the fsdp=4 run saves a
-    sharded checkpoint, which a trainer on fsdp=2 x tensor=2 then restores. The partitioned (post-SPMD)
+    sharded checkpoint, which a trainer on fsdp=2 x tensor=2 then restores (and a 2-device process on
+    fsdp=2, started after it). The partitioned (post-SPMD)
     HLO of every graph it runs is written out (XLA_SAVE_TENSORS_FILE with XLA_DUMP_POST_OPTIMIZATIONS=1).
 The one-device step they are compared with runs here, in the test process, on its plain XLA device.
 
@@ -57,9 +58,11 @@ def runs(tmp_path_factory):
         _wait(_run("one", out, 1))
         one = torch.load(out / "one.pt")
     _wait(steps)
+    _wait(_run("restore2", out, 2))  # the fsdp=4 checkpoint on a 2-device process, fsdp=2
     sharded = {name: torch.load(out / f"{name}.pt") for name in worker.MESHES}
     hlo_text = "\n".join(p.read_text() for p in sorted(out.glob("hlo.txt*")))
-    return {"one": one, "sharded": sharded, "restored": torch.load(out / "restored.pt"), "hlo": hlo_text}
+    return {"one": one, "sharded": sharded, "restored": torch.load(out / "restored.pt"),
+            "restored_fsdp2": torch.load(out / "restored_fsdp2.pt"), "hlo": hlo_text}
 
 
 @pytest.mark.parametrize("mesh", list(worker.MESHES))
@@ -111,8 +114,9 @@ def test_no_all_gather_of_full_logits_or_scores(runs):
 
 
 def test_checkpoint_saved_on_fsdp4_restores_on_fsdp2_and_one_device(runs):
-    """Saved by the fsdp=4 run after its step, restored by fsdp=2 x tensor=2 (each device reads its own
-    pieces by global offset) and by load_checkpoint on the host (whole tensors)."""
+    """Saved by the fsdp=4 run after its step, restored by fsdp=2 x tensor=2 in the same process, by a
+    2-device process on fsdp=2 (each device reads its own pieces by global offset) and by
+    load_checkpoint on the host (whole tensors)."""
     from train import checkpoint as ckpt
 
     saved, restored = runs["sharded"]["fsdp4"], runs["restored"]
@@ -124,6 +128,13 @@ def test_checkpoint_saved_on_fsdp4_restores_on_fsdp2_and_one_device(runs):
         assert torch.equal(restored["exp_avg"][name], saved["exp_avg"][name]), name
     # gate_proj [I, H]: columns (I) over tensor, H over fsdp, on the new mesh
     assert restored["param_specs"]["model.layers.0.mlp.gate_proj.weight"].startswith("{devices=[2,2]")
+    # ... by a separate 2-device process on fsdp=2, the mesh the run would shrink to
+    two = runs["restored_fsdp2"]
+    assert two["step"] == 1 and two["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1, "expert": 1}
+    for name, want in saved["params"].items():
+        assert torch.equal(two["params"][name], want), name
+        assert torch.equal(two["exp_avg"][name], saved["exp_avg"][name]), name
+    assert two["param_specs"]["model.layers.0.mlp.gate_proj.weight"] != "{replicated}"
     # ... and assembled whole on the host, for a single device, generation or export.
     loaded = ckpt.load_checkpoint(path)
     assert loaded.step == 1 and loaded.trainer_state["sharded"] is True
