@@ -515,6 +515,15 @@ FIGURES: dict[str, Figure] = {}
 _BOUNDS: dict = {}
 
 
+class FigureList(list):
+    """(name, value, unit, note) figures for record_figure.many; a figure whose cases have not run in
+    this session (value None) is left out."""
+
+    def add(self, name: str, value: float | None, unit: str, note: str) -> None:
+        if value is not None:
+            self.append((name, value, unit, note))
+
+
 def bounds() -> dict[str, Bound]:
     if _BOUNDS.get("section") != section():
         _BOUNDS["section"] = section()

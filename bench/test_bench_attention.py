@@ -56,12 +56,8 @@ def test_attention(benchmark, record_figure, impl, segments, mode):
 
 def _figures():
     """Every figure whose cases have run in this session (recorded again as more cases finish)."""
-    figs = []
-    n = _name
-
-    def add(fig, value, unit, note):
-        if value is not None:
-            figs.append((fig, value, unit, note))
+    figs = harness.FigureList()
+    add, n = figs.add, _name
 
     add("attn_4seg_over_1seg_time",
         harness.ratio(n("pallas", 4, "fwd_bwd"), n("pallas", 1, "fwd_bwd")), "x",

@@ -64,12 +64,8 @@ def test_cross_entropy(benchmark, record_figure, impl, mode):
 
 
 def _figures():
-    figs = []
-    n = _name
-
-    def add(fig, value, unit, note):
-        if value is not None:
-            figs.append((fig, value, unit, note))
+    figs = harness.FigureList()
+    add, n = figs.add, _name
 
     add("ce_speedup_vs_naive", harness.ratio(n("naive", "fwd_bwd"), n("pallas", "fwd_bwd")), "x",
         "fwd+bwd time, naive (full fp32 logits, then masked) / fused")

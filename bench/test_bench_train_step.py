@@ -91,12 +91,8 @@ def tpu_peak_tflops() -> tuple[str, float] | None:
 
 
 def _figures():
-    figs = []
-    n = _name
-
-    def add(fig, value, unit, note):
-        if value is not None:
-            figs.append((fig, value, unit, note))
+    figs = harness.FigureList()
+    add, n = figs.add, _name
 
     add("train_step_speedup_vs_seed_style", harness.ratio(n("seed_style"), n("ours")), "x",
         "non-padding tokens/s, ours / seed-style (same examples per step)")

@@ -243,17 +243,21 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, source: 
                                           f"parameter of shape {tuple(param.shape)} ({OPTIMIZER_HINT})")
 
 
-def _check_names(path: Path, own: dict, metadata) -> None:
-    saved = {k: v for k, v in metadata.state_dict_metadata.items()}
-    missing = sorted(set(own) - set(saved))
-    unexpected = sorted(set(saved) - set(own))
+def _check_shapes(source, expected: dict[str, tuple], given: dict[str, tuple]) -> None:
+    """Same tensor names and shapes, or an error naming the first difference."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match the model (missing: {missing[:5]}, "
+        raise CheckpointError(f"{source}: weights do not match the model (missing: {missing[:5]}, "
                               f"unexpected: {unexpected[:5]})")
-    for name, tensor in own.items():
-        size = tuple(getattr(saved[name], "size", ()))
-        if size != tuple(tensor.shape):
-            raise CheckpointError(f"{path}: {name} has shape {size}, the model expects {tuple(tensor.shape)}")
+    for name, shape in given.items():
+        if shape != expected[name]:
+            raise CheckpointError(f"{source}: {name} has shape {shape}, the model expects {expected[name]}")
+
+
+def _check_names(path: Path, own: dict, metadata) -> None:
+    _check_shapes(path, {k: tuple(t.shape) for k, t in own.items()},
+                  {k: tuple(getattr(m, "size", ())) for k, m in metadata.state_dict_metadata.items()})
 
 
 def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
@@ -310,16 +314,8 @@ def load_checkpoint(path: str | os.PathLike, *, with_optimizer: bool = True) -> 
 
 def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy weights in by name; any missing, unexpected or mis-shaped tensor is an error naming it."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: weights do not match the model (missing: {missing[:5]}, "
-                              f"unexpected: {unexpected[:5]})")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(own[name].shape):
-            raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, "
-                                  f"the model expects {tuple(own[name].shape)}")
+    _check_shapes(source, {k: tuple(t.shape) for k, t in model.state_dict().items()},
+                  {k: tuple(t.shape) for k, t in state.items()})
     with torch.no_grad():
         for name, param in model.state_dict(keep_vars=True).items():
             param.copy_(state[name].to(device=param.device, dtype=param.dtype))
