@@ -524,6 +524,13 @@ _COUNTER_SPEC = pl.BlockSpec(memory_space=pltpu.SMEM)
 _COUNTER_SHAPE = jax.ShapeDtypeStruct((2,), jnp.int32)
 
 
+def _double_buffers(bt: int, bv: int, h: int, hidden_dtype, weight_dtype) -> list:
+    """Scratch both kernels stream through: two VMEM slots (and their DMA semaphores) for a token
+    block of hidden rows and for a vocab block of weight rows, filled one step ahead."""
+    return [pltpu.VMEM((2, bt, h), hidden_dtype), pltpu.SemaphoreType.DMA((2,)),
+            pltpu.VMEM((2, bv, h), weight_dtype), pltpu.SemaphoreType.DMA((2,))]
+
+
 def _fwd_call(c: _Compacted, w, geo: _Geometry, bs: BlockSizes, interpret, count_blocks=False):
     bt, h = geo.bt, geo.h
     bv, nv, _ = geo.vocab(bs.block_vocab)
@@ -542,10 +549,7 @@ def _fwd_call(c: _Compacted, w, geo: _Geometry, bs: BlockSizes, interpret, count
             in_specs=[_ANY_SPEC, _ANY_SPEC],
             out_specs=out_specs,
             scratch_shapes=[
-                pltpu.VMEM((2, bt, h), c.hidden.dtype),
-                pltpu.SemaphoreType.DMA((2,)),
-                pltpu.VMEM((2, bv, h), w.dtype),
-                pltpu.SemaphoreType.DMA((2,)),
+                *_double_buffers(bt, bv, h, c.hidden.dtype, w.dtype),
                 pltpu.VMEM((1, bt), _F32),
                 pltpu.VMEM((1, bt), _F32),
             ],
@@ -584,10 +588,7 @@ def _bwd_call(c: _Compacted, w, lse_c, coef_c, geo: _Geometry, bs: BlockSizes, i
                       _ANY_SPEC, _ANY_SPEC],
             out_specs=out_specs,
             scratch_shapes=[
-                pltpu.VMEM((2, bt, h), c.hidden.dtype),
-                pltpu.SemaphoreType.DMA((2,)),
-                pltpu.VMEM((2, bv, h), w.dtype),
-                pltpu.SemaphoreType.DMA((2,)),
+                *_double_buffers(bt, bv, h, c.hidden.dtype, w.dtype),
                 pltpu.VMEM((bv, h), _F32),
                 pltpu.VMEM((bv, h), w.dtype),
                 pltpu.SemaphoreType.DMA(()),
