@@ -287,11 +287,15 @@ class Qwen3ForDiffusionLM(nn.Module):
     # ---- parameters ----------------------------------------------------------------------------
 
     def reset_parameters(self) -> None:
-        """HF's init: every Linear and the embedding ~ N(0, initializer_range), norms = 1.
+        """HF's init: every Linear and the embedding ~ N(0, initializer_range), norms = 1; the
+        embedding uses config.embedding_init_std instead when it is set.
         Also the way to initialise a model built on the meta device after `to_empty`."""
         std = self.config.initializer_range
+        emb_std = self.config.embedding_init_std or std
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=emb_std)
+            elif isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, Qwen3RMSNorm):
                 module.reset_parameters()

@@ -108,6 +108,13 @@ def test_init_like_hf():
     assert torch.all(model.model.layers[0].self_attn.q_norm.weight == 1)
     assert torch.all(model.model.norm.weight == 1)
     assert model.lm_head_weight is model.model.embed_tokens.weight
+    # embedding_init_std (the CPU demo preset's 1.0) changes the embedding only
+    torch.manual_seed(0)
+    wide = Qwen3ForDiffusionLM(TINY.replace(vocab_size=4096, hidden_size=128, embedding_init_std=1.0))
+    assert abs(wide.model.embed_tokens.weight.std().item() - 1.0) < 0.02
+    assert abs(wide.model.layers[0].mlp.up_proj.weight.std().item() - 0.02) < 1e-3
+    with pytest.raises(ValueError, match="embedding_init_std must be positive"):
+        TINY.replace(embedding_init_std=0.0).validate()
 
 
 def test_flex_qwen_1b_builds_on_meta_with_1_7b_parameters():
