@@ -28,6 +28,10 @@ class DiffusionConfig:
     loss_norm: maskable (number of maskable tokens; default, per-token ELBO) | batch (B*L) |
         masked (number of loss positions).
     shift_logits: hidden state i-1 predicts token i (AR-adapted convention); False: i predicts i.
+    full_mask_steps: the first N optimizer steps train with t = 1 (every maskable token masked):
+        each answer token must then be predicted from the prompt alone. A small model trained from
+        scratch learns that routing several times faster than under t ~ U(eps, 1), where the
+        revealed answer tokens offer easier cues; later steps draw t ~ U(eps, 1) as usual.
     """
 
     mask_token_id: int
@@ -35,11 +39,16 @@ class DiffusionConfig:
     antithetic: bool = False
     loss_norm: str = "maskable"
     shift_logits: bool = True
+    full_mask_steps: int = 0
 
     def __post_init__(self):
         if self.loss_norm not in LOSS_NORMS:
             raise ValueError(f"diffusion: loss_norm={self.loss_norm!r} is unknown; allowed: "
                              f"{', '.join(LOSS_NORMS)}")
+        if (not isinstance(self.full_mask_steps, numbers.Integral) or isinstance(self.full_mask_steps, bool)
+                or self.full_mask_steps < 0):
+            raise ValueError(f"diffusion: full_mask_steps must be a non-negative int, "
+                             f"got {self.full_mask_steps!r}")
         if not 0.0 <= self.sampling_eps < 1.0:
             raise ValueError(f"diffusion: sampling_eps must be in [0, 1), got {self.sampling_eps}")
         if (not isinstance(self.mask_token_id, numbers.Integral)
@@ -49,11 +58,13 @@ class DiffusionConfig:
 
 
 def draw_noise(batch_size: int, seq_len: int, generator: torch.Generator, *,
-               sampling_eps: float = 1e-3, antithetic: bool = False):
+               sampling_eps: float = 1e-3, antithetic: bool = False, full_mask: bool = False):
     """(t [B] fp32 in [eps, 1), u [B, L] fp32 in [0, 1)) on the CPU.
 
     antithetic: t_i = eps + (1 - eps) * ((u0 + i / B) mod 1) with one u0 per batch, so every
     batch covers the noise levels evenly (lower-variance loss estimate, same marginal law).
+    full_mask: t = 1 for every row (every maskable token masked, weight 1); the same draws are
+    consumed, so the noise of later steps does not depend on it.
     """
     if antithetic:
         u0 = torch.rand((), generator=generator, dtype=torch.float32)
@@ -62,6 +73,8 @@ def draw_noise(batch_size: int, seq_len: int, generator: torch.Generator, *,
         frac = torch.rand((batch_size,), generator=generator, dtype=torch.float32)
     t = sampling_eps + (1.0 - sampling_eps) * frac
     u = torch.rand((batch_size, seq_len), generator=generator, dtype=torch.float32)
+    if full_mask:
+        t = torch.ones_like(t)
     return t, u
 
 

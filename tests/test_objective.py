@@ -57,6 +57,23 @@ def test_antithetic_noise_is_stratified():
     torch.testing.assert_close(gaps, torch.full_like(gaps, 1 / b), atol=1e-5, rtol=0)
 
 
+def test_full_mask_masks_every_maskable_token_and_keeps_later_draws():
+    """full_mask (the first diffusion.full_mask_steps steps): t = 1, so every maskable token is
+    masked and weighted 1; u and the generator's state are what an ordinary draw leaves."""
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    t_plain, u_plain = draw_noise(8, 12, g1, sampling_eps=1e-3, antithetic=True)
+    t_full, u_full = draw_noise(8, 12, g2, sampling_eps=1e-3, antithetic=True, full_mask=True)
+    assert torch.equal(t_full, torch.ones(8)) and torch.equal(u_full, u_plain)
+    assert t_plain.max() < 1.0
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+    batch = _batch()
+    maskable = maskable_positions(batch, True)
+    _, loss_mask = noise_batch(batch["input_ids"], maskable, t_full[:2], u_full[:2], MASK)
+    assert torch.equal(loss_mask, maskable)
+    with pytest.raises(ValueError, match="full_mask_steps must be a non-negative int"):
+        DiffusionConfig(mask_token_id=MASK, full_mask_steps=-1)
+
+
 def test_mask_rate_tracks_t():
     """Per row, the masked fraction of maskable tokens ~ Binomial(n, t)/n. With n = 40,000 the
     standard deviation is <= 0.0025; the tolerance is 8 of them (and the generator is seeded)."""

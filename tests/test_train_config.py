@@ -38,6 +38,7 @@ def test_seed_kernel_names_are_aliases():
     ("optimizer.type=sgd", "optimizer.type", "adamw, adafactor"),
     ("lr_scheduler.type=step", "lr_scheduler.type", "cosine"),
     ("diffusion.loss_norm=mean", "diffusion.loss_norm", "maskable"),
+    ("diffusion.full_mask_steps=-5", "diffusion.full_mask_steps", "non-negative integer"),
     ("model.attention_kernel=flashy", "model.attention_kernel", "pallas"),
     ("model.remat.scan_layers=layers", "model.remat.scan_layers", "model.layers"),
     ("model.remat.activation_checkpoint_layers=[LlamaDecoderLayer]", "model.remat.activation_checkpoint_layers",
@@ -132,3 +133,24 @@ def test_optimizers_reduce_a_simple_loss_and_skip_decay_on_norms(kind):
         opt.step()
         opt.zero_grad()
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_shift_logits_auto_follows_where_the_weights_come_from(tmp_path):
+    import json
+
+    from train.trainer import resolve_shift_logits
+
+    assert resolve_shift_logits(load_config([])) is False  # from scratch: each masked position predicts itself
+    assert resolve_shift_logits(load_config(["diffusion.shift_logits=true"])) is True
+    ar, exported, ours = tmp_path / "ar", tmp_path / "exported", tmp_path / "ours"
+    for d in (ar, exported, ours):
+        d.mkdir()
+    (ar / "config.json").write_text(json.dumps({"model_type": "qwen3"}))  # an autoregressive Qwen3
+    (exported / "config.json").write_text(json.dumps({"model_type": "qwen3", "shift_logits": False}))
+    (ours / "trainer_state.json").write_text(json.dumps({"config": {"diffusion": {"shift_logits": False}}}))
+    assert resolve_shift_logits(load_config([f"init_from={ar}"])) is True
+    assert resolve_shift_logits(load_config([f"init_from={exported}"])) is False
+    assert resolve_shift_logits(load_config([f"init_from={ours}"])) is False
+    assert resolve_shift_logits(load_config([f"init_from={ar}", "diffusion.shift_logits=false"])) is False
+    with pytest.raises(ConfigError, match="diffusion.shift_logits: 'maybe'; allowed: auto, true, false"):
+        load_config(["diffusion.shift_logits=maybe"])

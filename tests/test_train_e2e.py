@@ -140,3 +140,21 @@ def test_gradient_accumulation_matches_one_larger_batch(tmp_path):
     assert two["loss_positions"] == one["loss_positions"]
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+
+
+def test_full_mask_steps_mask_whole_answers_then_hand_over_to_uniform_t(tmp_path):
+    # diffusion.full_mask_steps=2: steps 0 and 1 mask every maskable token, so they have more loss
+    # positions than the same rows under t ~ U(eps, 1); step 2 draws exactly the plain run's noise.
+    positions = {}
+    for full in (0, 2):
+        trainer = Trainer(_cfg(tmp_path, f"full{full}", "max_steps=3", f"diffusion.full_mask_steps={full}"),
+                          log=_quiet)
+        positions[full] = []
+        for step in range(3):
+            trainer.step = step
+            out, _ = trainer.train_step()
+            runtime.sync()
+            positions[full].append(out["loss_positions"].item())
+    plain, full = positions[0], positions[2]
+    assert full[0] > plain[0] and full[1] > plain[1]
+    assert full[2] == plain[2]

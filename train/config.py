@@ -118,6 +118,12 @@ def validate(cfg: DictConfig) -> None:
     eps = cfg.diffusion.sampling_eps
     if not (isinstance(eps, (int, float)) and 0 < eps < 1):
         raise ConfigError(f"diffusion.sampling_eps: must be in (0, 1), got {eps!r}")
+    shift = cfg.diffusion.shift_logits
+    if not (isinstance(shift, bool) or shift == "auto"):
+        raise ConfigError(f"diffusion.shift_logits: {shift!r}; allowed: auto, true, false")
+    full = cfg.diffusion.get("full_mask_steps", 0)
+    if not (isinstance(full, int) and not isinstance(full, bool) and full >= 0):
+        raise ConfigError(f"diffusion.full_mask_steps: must be a non-negative integer, got {full!r}")
 
 
 REMAT_LAYERS = ("Qwen3DecoderLayer",)

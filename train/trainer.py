@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
 from train import checkpoint as ckpt
@@ -180,6 +180,37 @@ def build_model(cfg: DictConfig, tokenizer, device: torch.device | None = None) 
     return model
 
 
+def resolve_shift_logits(cfg: DictConfig) -> bool:
+    """diffusion.shift_logits, with `auto` decided by where the weights come from: a run from scratch
+    predicts each masked token at its own position (False, as LLaDA); init_from an autoregressive model
+    keeps its next-token habit (True, the AR-adapted convention); init_from a diffusion model keeps what
+    it was trained with (our checkpoint's recorded setting, or an export's `shift_logits`); a resumed run
+    keeps its own."""
+    value = cfg.diffusion.shift_logits
+    if value != "auto":
+        return bool(value)
+    try:
+        if cfg.resume_from_checkpoint is not None:  # a resumed run goes on as it started
+            root = ckpt.resolve_checkpoint(checkpoint_dir(cfg), cfg.resume_from_checkpoint)
+        elif cfg.init_from:
+            root = Path(cfg.init_from)
+        else:
+            return False
+    except ckpt.CheckpointError:
+        return False  # nothing to resume yet: _restore reports it
+    try:
+        if (root / ckpt.STATE_FILE).is_file():
+            saved = json.loads((root / ckpt.STATE_FILE).read_text()).get("config") or {}
+            recorded = (saved.get("diffusion") or {}).get("shift_logits")
+            return bool(recorded) if isinstance(recorded, bool) else True
+        if (root / "config.json").is_file():
+            recorded = json.loads((root / "config.json").read_text()).get("shift_logits")
+            return bool(recorded) if isinstance(recorded, bool) else True
+    except (OSError, ValueError):
+        pass
+    return True
+
+
 def diffusion_config(cfg: DictConfig, tokenizer):
     from model.diffusion import DiffusionConfig
 
@@ -189,7 +220,8 @@ def diffusion_config(cfg: DictConfig, tokenizer):
         sampling_eps=float(d.sampling_eps),
         antithetic=bool(d.antithetic),
         loss_norm=str(d.loss_norm),
-        shift_logits=bool(d.shift_logits),
+        shift_logits=resolve_shift_logits(cfg),
+        full_mask_steps=int(d.get("full_mask_steps") or 0),
     )
 
 
@@ -273,6 +305,8 @@ class Trainer:
         self.mesh = sharding.setup_mesh(cfg)
         self.device = runtime.xla_device()
         resolve_hf_init(cfg, log)  # init_from=<HF dir>: architecture and tokenizer from the directory
+        with open_dict(cfg):  # recorded resolved, so checkpoints, generation and export agree with training
+            cfg.diffusion.shift_logits = resolve_shift_logits(cfg)
         self.tokenizer = build_tokenizer(cfg)
         self.diff_cfg = diffusion_config(cfg, self.tokenizer)
         self.model = build_model(cfg, self.tokenizer, self.device)
@@ -377,7 +411,8 @@ class Trainer:
         # sees the same rows and the same noise as one batch k times larger.
         rows, length = self.micro_rows, int(cfg.data.block_size)
         t_all, u_all = draw_noise(rows * accum, length, noise_generator(cfg.seed, self.step),
-                                  sampling_eps=self.diff_cfg.sampling_eps, antithetic=self.diff_cfg.antithetic)
+                                  sampling_eps=self.diff_cfg.sampling_eps, antithetic=self.diff_cfg.antithetic,
+                                  full_mask=self.step < self.diff_cfg.full_mask_steps)
         loss_total, positions, tokens = 0.0, 0.0, 0
         for micro in range(accum):
             batch = next(self.stream)
