@@ -44,7 +44,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "padding": ("pack", "pad"),
     "on_error": ("raise", "skip"),
     "sft.format": ("alpaca", "sharegpt", "messages", "custom"),
-    "sft.template": ("qwen3", "separator"),
+    "sft.template": ("auto", "qwen3", "separator"),
     "sft.train_on": ("all_assistant", "last_assistant"),
     "sft.overlength": ("truncate", "drop"),
 }

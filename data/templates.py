@@ -11,6 +11,7 @@ qwen3 (Qwen3's own chat template with thinking off):
     <|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n{content}<|im_end|>\\n   the final assistant turn
     <|im_start|>user\\n<tool_response>\\n{content}\\n</tool_response><|im_end|>\\n   tool results
 separator (the seed's):  {system}\\n\\n{user}{separator}{assistant}<eos>{user}{separator}{assistant}<eos>
+auto: qwen3 with Qwen3 / Hugging Face tokenizers; separator with "=" for the byte-level tokenizer.
 Maskable (src_mask False): each trained assistant turn's content and its closing <|im_end|> (or EOS).
 """
 
@@ -139,14 +140,31 @@ def _render_separator(b: _Builder, msgs: Sequence[Mapping[str, Any]], trained: s
             b.text(content)
 
 
+# template=auto with the byte-level tokenizer: the separator format as `prompt=answer<eos>`. A model trained
+# from scratch has no chat format to keep, and Qwen3's template would make each short example ~2.4x longer.
+BYTE_TOKENIZER_SEPARATOR = "="
+
+
+def resolve_template(sft: Mapping, tok: Tokenizer) -> tuple[str, str]:
+    """(template, separator) that `sft` renders with `tok`: `auto` is `qwen3` for Qwen3 (and other
+    Hugging Face) tokenizers and `separator` with BYTE_TOKENIZER_SEPARATOR for the byte-level one."""
+    template, separator = sft["template"], sft["instruction_response_separator"]
+    if template == "auto":
+        if tok.name == "byte":
+            return "separator", BYTE_TOKENIZER_SEPARATOR
+        return "qwen3", separator
+    if template not in ("qwen3", "separator"):
+        raise ValueError(f"data.sft.template: unknown value {template!r}; allowed: auto, qwen3, separator")
+    return template, separator
+
+
 def _render(tok: Tokenizer, msgs: Sequence[Mapping[str, Any]], sft: Mapping, trained: set[int]) -> _Builder:
     b = _Builder(tok)
-    if sft["template"] == "qwen3":
+    template, separator = resolve_template(sft, tok)
+    if template == "qwen3":
         _render_qwen3(b, msgs, trained)
-    elif sft["template"] == "separator":
-        _render_separator(b, msgs, trained, sft["instruction_response_separator"])
     else:
-        raise ValueError(f"data.sft.template: unknown value {sft['template']!r}; allowed: qwen3, separator")
+        _render_separator(b, msgs, trained, separator)
     return b
 
 
@@ -192,11 +210,12 @@ def render_prompt(messages: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, s
     sft = sft_section(sft_cfg)
     msgs = _visible(messages, sft)
     b = _render(tokenizer, msgs, sft, set())
-    if sft["template"] == "qwen3":
+    template, separator = resolve_template(sft, tokenizer)
+    if template == "qwen3":
         _require_chat_tokens(tokenizer)
         b.add(b.const["assistant"])
         if "think" in b.const:
             b.add(b.const["think"])
     else:
-        b.text(sft["instruction_response_separator"])
+        b.text(separator)
     return b.out.ids

@@ -126,6 +126,20 @@ def test_separator_template_text():
     assert tok.decode(render_prompt([{"role": "user", "content": "hi"}], tok, sft)) == "hi\n### A:\n"
 
 
+def test_auto_template_is_qwen3_for_qwen3_tokenizers_and_compact_for_bytes():
+    sft = sft_cfg("alpaca", template="auto")
+    messages = to_messages(RECORDS["alpaca"][1], "alpaca", sft)
+    byte = load_tokenizer("byte")
+    assert byte.decode(render_example(messages, byte, sft).ids) == \
+        "Be terse.\n\nAdd the numbers.\n\n12+30=42<|endoftext|>"
+    assert byte.decode(render_prompt(messages[:2], byte, sft)) == "Be terse.\n\nAdd the numbers.\n\n12+30="
+    qwen3 = load_tokenizer("qwen3")
+    assert (render_example(messages, qwen3, sft).ids
+            == render_example(messages, qwen3, sft_cfg("alpaca", template="qwen3")).ids)
+    with pytest.raises(ValueError, match="allowed: auto, qwen3, separator"):
+        sft_cfg("alpaca", template="chatml")
+
+
 def test_alpaca_input_joined_and_system():
     sft = sft_cfg("alpaca")
     assert to_messages(RECORDS["alpaca"][1], "alpaca", sft) == [

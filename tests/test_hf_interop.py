@@ -293,7 +293,7 @@ def test_explicit_preset_must_agree_with_hf_config(tmp_path):
 
     # A preset that agrees is accepted; the directory's own tokenizer is preferred when it has one.
     tiny = tmp_path / "tiny"
-    save_tiny_hf(tiny, tied=True, hidden_size=256, intermediate_size=768, num_hidden_layers=4, head_dim=64)
+    save_tiny_hf(tiny, tied=True, hidden_size=128, intermediate_size=512, num_hidden_layers=4, head_dim=32)
     export.write_tokenizer_files(load_tokenizer("byte"), tiny, model_max_length=128)
     cfg = load_config([f"init_from={tiny}", "model=qwen3-tiny"])
     resolve_hf_init(cfg, log=lambda *a: None)
@@ -318,7 +318,7 @@ def test_runs_started_from_hf_dir_continue_without_repeating_it(tmp_path):
         assert not trainer.model.config.tie_word_embeddings
         state = trainer.model.state_dict()
         assert all(torch.equal(state[k].cpu(), v) for k, v in weights.items())
-    with pytest.raises(ConfigError, match=r"^model=qwen3-tiny disagrees with .*trainer_state.json: hidden_size 256 "
+    with pytest.raises(ConfigError, match=r"^model=qwen3-tiny disagrees with .*trainer_state.json: hidden_size 128 "
                                           r"vs 64"):
         Trainer(load_config(SMALL + [f"init_from={checkpoint}", "model=qwen3-tiny"]), **quiet)
 
@@ -335,6 +335,11 @@ def test_directory_tokenizer_is_used_and_exported(tmp_path):
     hf = transformers.AutoTokenizer.from_pretrained(str(out))
     assert hf(text, split_special_tokens=True)["input_ids"] == load_tokenizer("byte").encode(text)
     assert json.loads((out / "config.json").read_text())["pallas_dlm"]["tokenizer"] == str(hf_dir.resolve())
+    # template=auto rendered Qwen3's chat format for this (non-byte) tokenizer, so the export carries it;
+    # a run on the byte tokenizer (auto = separator format) has no chat template to export.
+    assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
+    export.write_tokenizer_files(load_tokenizer("byte"), tmp_path / "sep", model_max_length=128, qwen3_chat=False)
+    assert "chat_template" not in json.loads((tmp_path / "sep" / "tokenizer_config.json").read_text())
 
 
 def test_export_refuses_to_clobber_and_parses_sizes(tmp_path, capsys):

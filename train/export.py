@@ -14,7 +14,8 @@ missing or unexpected weights) and `AutoTokenizer.from_pretrained(out_dir)`:
                             from the same ranks (one merge per token, derived from the ranks), Qwen's
                             pre-tokenizer regex, NFC, specials at their ids; for `byte` the 256 bytes plus
                             the specials; a Hugging Face tokenizer is saved as it is. tokenizer_config.json
-                            carries a chat template that renders what training saw (Qwen3, thinking off).
+                            carries a chat template that renders what training saw (Qwen3, thinking off)
+                            when the run used the qwen3 template; a separator-format run gets none.
 
 <checkpoint> is a step folder, a checkpoints folder (its `latest`) or a run's output_dir. The directory is
 written to a temporary sibling and renamed into place; an existing export is replaced only with
@@ -159,7 +160,8 @@ def byte_hf_tokenizer(tokenizer):
     return _byte_level_tokenizer(vocab, [], tokenizer.special_ids, pattern=None, nfc=False)
 
 
-def write_tokenizer_files(tokenizer, out_dir: str | Path, *, model_max_length: int) -> list[Path]:
+def write_tokenizer_files(tokenizer, out_dir: str | Path, *, model_max_length: int,
+                          qwen3_chat: bool = True) -> list[Path]:
     """tokenizer.json + tokenizer_config.json for `qwen3` and `byte`; a Hugging Face tokenizer saves itself."""
     from data.tokenizer import EOS_TOKEN, MASK_TOKEN, ByteTokenizer, HFTokenizer, Qwen3Tokenizer
 
@@ -173,7 +175,8 @@ def write_tokenizer_files(tokenizer, out_dir: str | Path, *, model_max_length: i
     else:
         raise ExportError(f"tokenizer {tokenizer.name!r} ({type(tokenizer).__name__}): no way to write it")
     hf.save(str(out / "tokenizer.json"))
-    chat = tokenizer.im_start_id is not None and tokenizer.im_end_id is not None
+    # Only a run that rendered Qwen3's template gets it (a separator-format run has no chat template to give).
+    chat = qwen3_chat and tokenizer.im_start_id is not None and tokenizer.im_end_id is not None
     config: dict[str, Any] = {
         "tokenizer_class": tokenizer_class,
         "model_max_length": int(model_max_length),
@@ -224,6 +227,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, dtype: tor
     """Write the Hugging Face directory for a checkpoint; returns `out_dir`."""
     from omegaconf import OmegaConf
 
+    from data.config import sft_section
+    from data.templates import resolve_template
     from model.hf import DEFAULT_MAX_SHARD_BYTES, check_state_dict, save_hf_model
     from train import checkpoint as ckpt
     from train.generate import find_checkpoint
@@ -261,7 +266,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, dtype: tor
         generation = {"bos_token_id": eos, "eos_token_id": stops if len(stops) > 1 else stops[0],
                       "pad_token_id": tokenizer.pad_id}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        write_tokenizer_files(tokenizer, tmp, model_max_length=config.max_position_embeddings)
+        write_tokenizer_files(tokenizer, tmp, model_max_length=config.max_position_embeddings,
+                              qwen3_chat=resolve_template(sft_section(cfg.data), tokenizer)[0] == "qwen3")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
