@@ -12,7 +12,7 @@ exec python -m train.run \
   training_mode=pretrain data=pretrain model=flex-qwen-1b \
   ${INIT:+init_from=$INIT} \
   data.dataset_name="$DATASET" data.text_field="${TEXT_FIELD:-text}" data.block_size=2048 \
-  global_batch_size=256 max_steps=20000 \
+  global_batch_size=256 max_steps=20000 diffusion.full_mask_steps=0 \
   optimizer.type=adafactor optimizer.learning_rate=3.0e-4 optimizer.weight_decay=0.0 \
   lr_scheduler.type=cosine lr_scheduler.warmup_steps=1000 lr_scheduler.min_lr_ratio=0.1 \
   diffusion.loss_norm=maskable diffusion.shift_logits=true \

@@ -12,7 +12,7 @@ exec python -m train.run \
   training_mode=sft data=sft model=flex-qwen-1b init_from="$INIT" \
   data.dataset_name="$DATASET" data.sft.format="${FORMAT:-alpaca}" data.sft.template=qwen3 \
   data.sft.include_system_prompt=true data.block_size=1024 \
-  global_batch_size=64 max_steps=3000 \
+  global_batch_size=64 max_steps=3000 diffusion.full_mask_steps=0 \
   optimizer.type=adamw optimizer.learning_rate=2.0e-5 optimizer.weight_decay=0.0 \
   lr_scheduler.type=cosine lr_scheduler.warmup_steps=100 lr_scheduler.min_lr_ratio=0.0 \
   ici_mesh.fsdp="$CHIPS" dcn_mesh.data="$SLICES" \
