@@ -79,10 +79,12 @@ class BlockSizes:
 # kernels raise the scoped VMEM limit accordingly (see _vmem_limit). Not yet tuned on a TPU.
 DEFAULT_BLOCK_SIZES = BlockSizes()
 # For the CPU interpreter: each grid step is one XLA while-loop iteration with its own copies, so
-# large blocks win. Measured fwd+bwd at N=4096, H=1024, V=151936, 819 loss rows (2 cores, CPU
+# large vocab blocks win. Measured fwd+bwd at N=4096, H=1024, V=151936, 819 loss rows (2 cores, CPU
 # seconds): tokens/vocab 1024/2048 ~31, 1024/4096 ~31-36, 1024/1024 ~35-38, 256/2048 ~43,
-# 128/2048 ~60 (small token blocks re-stream W per block and run small matmuls).
-INTERPRET_BLOCK_SIZES = BlockSizes(block_tokens=1024, block_vocab=2048, block_vocab_bwd=2048)
+# 128/2048 ~60 (small token blocks re-stream W per block and run small matmuls). 512 token rows:
+# a train step has a few hundred loss rows, and a 1024-row block computed twice the rows it needed
+# (the qwen3-tiny step's loss at ~450 loss rows: 3.6 s at 1024, 2.7-2.9 s at 384-512).
+INTERPRET_BLOCK_SIZES = BlockSizes(block_tokens=512, block_vocab=2048, block_vocab_bwd=2048)
 
 
 def resolve_block_sizes(block_sizes: BlockSizes | None, interpret) -> BlockSizes:
