@@ -107,7 +107,7 @@ def test_unknown_format_and_other_settings(tmp_path, tok):
     cases = [
         ({"sft": {"format": "foo"}},
          "data.sft.format: unknown value 'foo'; allowed: alpaca, sharegpt, messages, custom"),
-        ({"sft": {"template": "llama"}}, "data.sft.template: unknown value 'llama'; allowed: qwen3, separator"),
+        ({"sft": {"template": "llama"}}, "data.sft.template: unknown value 'llama'; allowed: auto, qwen3, separator"),
         ({"padding": "ragged"}, "data.padding: unknown value 'ragged'; allowed: pack, pad"),
         ({"on_error": "ignore"}, "data.on_error: unknown value 'ignore'; allowed: raise, skip"),
         ({"sft": {"train_on": "all"}},

@@ -289,10 +289,13 @@ def test_bundled_examples_are_short_and_split_disjoint(tok, fmt):
 
 def test_hydra_yaml_matches_defaults():
     sft = yaml.safe_load((REPO / "train/configs/data/sft.yaml").read_text())
-    # one deliberate difference: the CLI pads responses to the sampler's region; plain use pads nothing
+    # two deliberate differences: the CLI pads responses to the sampler's region (plain use pads nothing),
+    # and the CLI picks the template from the tokenizer (auto; plain use renders Qwen3's unless told)
     assert sft["sft"].pop("pad_response_to") == "${generation.max_new_tokens}"
     assert DEFAULTS["sft"]["pad_response_to"] == 0
-    assert sft == {**DEFAULTS, "sft": {k: v for k, v in DEFAULTS["sft"].items() if k != "pad_response_to"}}
+    assert sft["sft"].pop("template") == "auto" and DEFAULTS["sft"]["template"] == "qwen3"
+    plain = {k: v for k, v in DEFAULTS["sft"].items() if k not in ("pad_response_to", "template")}
+    assert sft == {**DEFAULTS, "sft": plain}
     # pretrain.yaml inherits sft.yaml through Hydra's defaults list; compare what Hydra composes.
     from omegaconf import OmegaConf
 
@@ -300,4 +303,4 @@ def test_hydra_yaml_matches_defaults():
 
     pre = OmegaConf.to_container(load_config(["data=pretrain", "training_mode=pretrain"]).data, resolve=True)
     assert pre == dict(DEFAULTS, dataset_name="bundled:pretrain/train.jsonl",
-                       sft=dict(DEFAULTS["sft"], pad_response_to=16))
+                       sft=dict(DEFAULTS["sft"], pad_response_to=8, template="auto"))

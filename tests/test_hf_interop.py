@@ -335,11 +335,14 @@ def test_directory_tokenizer_is_used_and_exported(tmp_path):
     hf = transformers.AutoTokenizer.from_pretrained(str(out))
     assert hf(text, split_special_tokens=True)["input_ids"] == load_tokenizer("byte").encode(text)
     assert json.loads((out / "config.json").read_text())["pallas_dlm"]["tokenizer"] == str(hf_dir.resolve())
-    # template=auto rendered Qwen3's chat format for this (non-byte) tokenizer, so the export carries it;
-    # a run on the byte tokenizer (auto = separator format) has no chat template to export.
-    assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
-    export.write_tokenizer_files(load_tokenizer("byte"), tmp_path / "sep", model_max_length=128, qwen3_chat=False)
-    assert "chat_template" not in json.loads((tmp_path / "sep" / "tokenizer_config.json").read_text())
+    # A run on the byte tokenizer renders `prompt=answer<eos>` (template=auto), so its export has no chat
+    # template; with template=qwen3 it carries Qwen3's.
+    for template, expected in (("auto", False), ("qwen3", True)):
+        run = Trainer(load_config(SMALL + [f"data.sft.template={template}", f"output_dir={tmp_path / template}"]),
+                      log=lambda *a: None)
+        assert export.main([str(run.save()), str(tmp_path / f"export-{template}")]) == 0
+        written = json.loads((tmp_path / f"export-{template}" / "tokenizer_config.json").read_text())
+        assert ("chat_template" in written) is expected, template
 
 
 def test_export_refuses_to_clobber_and_parses_sizes(tmp_path, capsys):
