@@ -71,12 +71,9 @@ def _check_explicit_preset(cfg: DictConfig, config, source: str) -> None:
                           f"(drop model= to take the architecture from there)")
 
 
-def _recorded_run(cfg: DictConfig) -> tuple[Path, dict] | None:
-    """(checkpoint, its saved config) when init_from or resume_from_checkpoint names one of our checkpoints
-    whose run recorded a Hugging Face architecture; None otherwise (or when there is no such checkpoint yet:
-    _restore reports that)."""
-    import json
-
+def _source_run(cfg: DictConfig) -> tuple[Path, dict] | None:
+    """(checkpoint, its saved config) when init_from or resume_from_checkpoint names one of our checkpoints;
+    None otherwise (or when there is no such checkpoint yet: _restore reports that)."""
     try:
         if cfg.init_from:
             path = Path(cfg.init_from)
@@ -84,10 +81,15 @@ def _recorded_run(cfg: DictConfig) -> tuple[Path, dict] | None:
             path = ckpt.resolve_checkpoint(checkpoint_dir(cfg), cfg.resume_from_checkpoint)
         else:
             return None
-        saved = json.loads((path / ckpt.STATE_FILE).read_text()).get("config") or {}
+        return path, json.loads((path / ckpt.STATE_FILE).read_text()).get("config") or {}
     except (OSError, ValueError, ckpt.CheckpointError):
         return None
-    return (path, saved) if (saved.get("model") or {}).get("architecture") else None
+
+
+def _recorded_run(cfg: DictConfig) -> tuple[Path, dict] | None:
+    """_source_run when that run recorded a Hugging Face architecture; None otherwise."""
+    found = _source_run(cfg)
+    return found if found and (found[1].get("model") or {}).get("architecture") else None
 
 
 def resolve_hf_init(cfg: DictConfig, log=print) -> None:
@@ -189,26 +191,17 @@ def resolve_shift_logits(cfg: DictConfig) -> bool:
     value = cfg.diffusion.shift_logits
     if value != "auto":
         return bool(value)
-    try:
-        if cfg.resume_from_checkpoint is not None:  # a resumed run goes on as it started
-            root = ckpt.resolve_checkpoint(checkpoint_dir(cfg), cfg.resume_from_checkpoint)
-        elif cfg.init_from:
-            root = Path(cfg.init_from)
-        else:
-            return False
-    except ckpt.CheckpointError:
-        return False  # nothing to resume yet: _restore reports it
-    try:
-        if (root / ckpt.STATE_FILE).is_file():
-            saved = json.loads((root / ckpt.STATE_FILE).read_text()).get("config") or {}
-            recorded = (saved.get("diffusion") or {}).get("shift_logits")
-            return bool(recorded) if isinstance(recorded, bool) else True
-        if (root / "config.json").is_file():
-            recorded = json.loads((root / "config.json").read_text()).get("shift_logits")
-            return bool(recorded) if isinstance(recorded, bool) else True
-    except (OSError, ValueError):
-        pass
-    return True
+    found = _source_run(cfg)  # our checkpoint: started from, or resumed (a resumed run goes on as it started)
+    if found is not None:
+        recorded = (found[1].get("diffusion") or {}).get("shift_logits")
+    elif cfg.init_from:  # a Hugging Face directory: our export records it; an AR model does not
+        try:
+            recorded = json.loads((Path(cfg.init_from) / "config.json").read_text()).get("shift_logits")
+        except (OSError, ValueError):
+            recorded = None
+    else:
+        return False  # from scratch (or nothing to resume yet: _restore reports it)
+    return recorded if isinstance(recorded, bool) else True
 
 
 def diffusion_config(cfg: DictConfig, tokenizer):
