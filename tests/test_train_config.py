@@ -135,6 +135,48 @@ def test_optimizers_reduce_a_simple_loss_and_skip_decay_on_norms(kind):
     assert losses[-1] < 0.7 * losses[0]
 
 
+def test_adamw_matches_torch_adamw_and_reads_its_state():
+    """Our multi-tensor AdamW makes torch.optim.AdamW's update (two groups, weight decay on one, a
+    learning rate changing every step) and keeps its state layout, so either loads the other's."""
+    import copy
+
+    import torch
+
+    from train.optim import AdamW
+
+    def train(cls, steps, state=None):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1))
+        decay = [model[0].weight, model[2].weight]
+        rest = [p for p in model.parameters() if all(p is not d for d in decay)]
+        opt = cls([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                  lr=0.01, betas=(0.9, 0.95), eps=1e-8)
+        if state is not None:  # copies: load_state_dict keeps references to CPU tensors
+            model.load_state_dict(copy.deepcopy(state[0]))
+            opt.load_state_dict(copy.deepcopy(state[1]))
+        x, y = torch.randn(32, 8, generator=torch.Generator().manual_seed(1)), torch.randn(32, 1)
+        for i in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = 0.01 * (1 - i / 40)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        return model, opt
+
+    ours, theirs = train(AdamW, 20)[0], train(torch.optim.AdamW, 20)[0]
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    model, opt = train(torch.optim.AdamW, 10)
+    assert set(opt.state_dict()["state"][0]) == set(AdamW([torch.nn.Parameter(torch.ones(1))]).init_state(
+        torch.ones(1)))
+    resumed = train(AdamW, 10, state=(model.state_dict(), opt.state_dict()))[0]
+    assert not all(torch.equal(a, b) for a, b in zip(resumed.parameters(), model.parameters()))
+    # Bias corrections continue from the loaded step 10: the same 10 more steps in torch's AdamW agree.
+    again = train(torch.optim.AdamW, 10, state=(model.state_dict(), opt.state_dict()))[0]
+    for a, b in zip(resumed.parameters(), again.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_shift_logits_auto_follows_where_the_weights_come_from(tmp_path):
     import json
 
