@@ -293,7 +293,8 @@ def test_explicit_preset_must_agree_with_hf_config(tmp_path):
 
     # A preset that agrees is accepted; the directory's own tokenizer is preferred when it has one.
     tiny = tmp_path / "tiny"
-    save_tiny_hf(tiny, tied=True, hidden_size=128, intermediate_size=512, num_hidden_layers=4, head_dim=32)
+    save_tiny_hf(tiny, tied=True, hidden_size=128, intermediate_size=256, num_hidden_layers=4, head_dim=32,
+                 rope_theta=100.0)
     export.write_tokenizer_files(load_tokenizer("byte"), tiny, model_max_length=128)
     cfg = load_config([f"init_from={tiny}", "model=qwen3-tiny"])
     resolve_hf_init(cfg, log=lambda *a: None)
