@@ -76,6 +76,16 @@ def test_step_compiles_once(tmp_path):
         counts.append(runtime.compile_count())
     # AdamW's state exists before the first step, so every step runs the same compiled graph.
     assert counts[0] == counts[1] == counts[2] == counts[3] == counts[4], counts
+    # Nor does a long run recompile when AdamW's bias corrections round to exactly 1 (torch_xla makes the
+    # scalars 0 and 1 graph constants): 1 - 0.95**n == 1.0 from n = 730 on (betas 0.9, 0.95).
+    assert 1 - 0.95 ** 729 != 1.0 and 1 - 0.95 ** 730 == 1.0 and trainer.optimizer.defaults["betas"] == (0.9, 0.95)
+    for state in trainer.optimizer.state.values():
+        state["step"].fill_(727)
+    for _ in range(4):
+        trainer.train_step()
+        runtime.sync()
+        trainer.step += 1
+    assert runtime.compile_count() == counts[-1]
 
 
 @pytest.mark.parametrize("args", [

@@ -76,12 +76,16 @@ class AdamW(torch.optim.Optimizer):
                 torch._foreach_add_(exp_avg, grads, alpha=1 - beta1)
                 torch._foreach_mul_(exp_avg_sq, beta2)
                 torch._foreach_add_(exp_avg_sq, torch._foreach_mul(grads, grads), alpha=1 - beta2)
+                # torch's m / (sqrt(v) / sqrt(c2) + eps) * lr / c1, with the bias corrections c1, c2 moved
+                # into scalars that never become exactly 1: c2 = 1 - beta2**count rounds to 1.0 after ~700
+                # steps, and torch_xla bakes the scalars 0 and 1 into the graph as constants (a recompile).
+                root_c2 = math.sqrt(1 - beta2 ** count)
                 denom = torch._foreach_sqrt(exp_avg_sq)
-                torch._foreach_div_(denom, math.sqrt(1 - beta2 ** count))
-                torch._foreach_add_(denom, eps)
+                torch._foreach_add_(denom, eps * root_c2)
                 if weight_decay:
                     torch._foreach_mul_(params, 1 - lr * weight_decay)
-                torch._foreach_add_(params, torch._foreach_div(exp_avg, denom), alpha=-lr / (1 - beta1 ** count))
+                torch._foreach_add_(params, torch._foreach_div(exp_avg, denom),
+                                    alpha=-lr * root_c2 / (1 - beta1 ** count))
         return loss
 
 
