@@ -58,6 +58,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels import tpu as ktpu
+
+# Mosaic kernels are serialised for the libtpu the project pins, whatever JAX's default backend is.
+ktpu.pin_mosaic_ir_version()
+
 __all__ = [
     "BlockSizes",
     "DEFAULT_BLOCK_SIZES",
@@ -166,11 +171,66 @@ class _Plan(NamedTuple):
     fwd: tuple[int, int]
     dq: tuple[int, int]
     dkv: tuple[int, int]
+    vmem_limit: int | None = None  # scoped VMEM the Mosaic kernels declare (None: interpret mode)
 
 
-def _plan(block_sizes, seq_len: int, interpret: bool) -> _Plan:
-    bs = BlockSizes.from_config(block_sizes)
-    pairs = [tuple(_fit_block(b, seq_len) for b in pair) for pair in (bs.fwd, bs.dq, bs.dkv)]
+# On TPU, with no block sizes given, each kernel takes the first (block_q, block_k) of this ladder
+# whose VMEM estimate fits the chip (512 x 512 wherever it does).
+_LADDER = ((512, 512), (512, 256), (256, 256), (256, 128), (128, 128))
+_KERNELS = {"fwd": "forward", "dq": "dq backward", "dkv": "dk/dv backward"}
+_CONFIG_KEYS = {"fwd": ("block_q", "block_k"), "dq": ("block_q_dq", "block_k_dq"),
+                "dkv": ("block_q_dkv", "block_k_dkv")}
+
+
+# Temporaries of each kernel's score arithmetic, as multiples of one [bq, bk] fp32 block (S) and of
+# one [block, head_dim] fp32 block (Q), by operand width: fitted as upper bounds of what Mosaic
+# allocates on top of the pipelined blocks and scratch (least VMEM limit that compiles, measured by
+# bisection with libtpu 0.0.21 at blocks 512 and 1024, head_dim 32-256, on v5e; fp32 runs
+# HIGHEST-precision matmuls, whose bf16 splits of the operands need more room). Other generations
+# need up to 9% more (v5p), hence _TEMPS_MARGIN; v4, without bf16 elementwise units, allocates
+# bf16 kernels' temporaries like fp32 ones.
+_TEMPS = {("fwd", 2): (1.8, 2.0), ("fwd", 4): (2.3, 4.0), ("dq", 2): (1.0, 2.0),
+          ("dq", 4): (3.2, 5.0), ("dkv", 2): (1.0, 6.5), ("dkv", 4): (3.4, 9.5)}
+_TEMPS_MARGIN = 1.15
+
+
+def vmem_estimate(which: str, bq: int, bk: int, head_dim: int, dtype, chip=None) -> int:
+    """Bytes of VMEM one grid step of kernel `which` (fwd, dq, dkv) holds on `chip` (kernels.tpu;
+    None: any): its pipelined blocks (two buffers each), its scratch, and the temporaries of the
+    score arithmetic (_TEMPS). An upper bound of Mosaic's own allocation, checked by
+    tests/test_tpu_compile.py."""
+    sz = jnp.dtype(dtype).itemsize
+    dp = _round_up(head_dim, NUM_LANES)  # a [rows, 32] block still occupies 128 lanes
+    seg_q, seg_k = bq * NUM_LANES * 4, NUM_SUBLANES * bk * 4  # column- / row-form segment ids
+    row = NUM_SUBLANES * bq * 4  # a [1, bq] fp32 row (lse, D) takes 8 sublanes
+    if which == "fwd":
+        blocks = (2 * bq + 2 * bk) * dp * sz + seg_q + seg_k + row  # q, k, v, o, ids, lse
+        scratch = 2 * bq * NUM_LANES * 4 + bq * dp * 4  # m, l, acc
+    elif which == "dq":
+        blocks = (3 * bq + 2 * bk) * dp * sz + seg_q + seg_k + 2 * row  # q, do, k, v, dq, ids, lse, D
+        scratch = bq * dp * 4
+    else:
+        blocks = (2 * bq + 4 * bk) * dp * sz + NUM_SUBLANES * bq * 4 + bk * NUM_LANES * 4 + 2 * row
+        scratch = 2 * bk * dp * 4  # dk, dv accumulators
+    width = 4 if sz >= 4 or not ktpu.get_chip(chip).bf16_vpu else 2
+    per_s, per_q = _TEMPS[which, width]
+    temps = _TEMPS_MARGIN * (per_s * bq * bk * 4 + per_q * max(bq, bk) * dp * 4)
+    return int(2 * blocks + scratch + temps)
+
+
+def _plan(block_sizes, seq_len: int, interpret: bool, *, chip=None, head_dim: int | None = None,
+          dtype=None) -> _Plan:
+    """Blocks of the three kernels for a sequence of seq_len. On TPU (interpret False) the blocks
+    must be multiples of 128 and fit the chip's VMEM (kernels.tpu): with none given each kernel
+    takes the largest rung of _LADDER that fits; given ones that cannot fit are refused in one line."""
+    tpu = not interpret and head_dim is not None
+    chip = ktpu.resolve_chip(chip) if tpu else None
+    if block_sizes is None and tpu:
+        pairs = [tuple(_fit_block(b, seq_len) for b in _first_fit(which, seq_len, head_dim, dtype, chip))
+                 for which in _KERNELS]
+    else:
+        bs = BlockSizes.from_config(block_sizes)
+        pairs = [tuple(_fit_block(b, seq_len) for b in pair) for pair in (bs.fwd, bs.dq, bs.dkv)]
     padded = _round_up(seq_len, math.lcm(*(b for pair in pairs for b in pair)))
     if not interpret:
         # Mosaic tiles are (8, 128); blocks are lane dims of the segment-id and lse rows (and
@@ -180,7 +240,28 @@ def _plan(block_sizes, seq_len: int, interpret: bool) -> _Plan:
             raise ValueError(f"attention block sizes {bad} must be multiples of {NUM_LANES} for "
                              f"the TPU (Mosaic) kernels (sequence length {seq_len}, padded "
                              f"{padded})")
-    return _Plan(padded, *pairs)
+    needs = []
+    if tpu:
+        for which, (bq, bk) in zip(_KERNELS, pairs):
+            need = vmem_estimate(which, bq, bk, head_dim, dtype, chip)
+            needs.append(need)
+            if need > chip.kernel_vmem_budget:
+                keys = ", ".join(f"{k}={b}" for k, b in zip(_CONFIG_KEYS[which], (bq, bk)))
+                raise ktpu.vmem_error(
+                    f"the attention {_KERNELS[which]} with {keys} at head_dim {head_dim} "
+                    f"({jnp.dtype(dtype).name})", "model.attention_kernel_config", need, chip,
+                    "use smaller blocks, or leave model.attention_kernel_config out to get blocks "
+                    "that fit")
+    # One limit for the three kernels (the plan is one static argument): the largest one's.
+    return _Plan(padded, *pairs, vmem_limit=chip.declared_vmem(max(needs)) if tpu else None)
+
+
+def _first_fit(which, seq_len, head_dim, dtype, chip) -> tuple[int, int]:
+    for bq, bk in _LADDER:
+        if vmem_estimate(which, _fit_block(bq, seq_len), _fit_block(bk, seq_len), head_dim,
+                         dtype, chip) <= chip.kernel_vmem_budget:
+            return bq, bk
+    return _LADDER[-1]  # refused by _plan with the figures
 
 
 # --------------------------------------------------------------------------------------------------
@@ -497,6 +578,16 @@ def _query_major_specs(q, k, v, seg_cols, seg_rows, *, bq, bk, group, nq, whole)
     return q_map, row_map, specs
 
 
+def _cost(q, k, causal: bool, *, matmuls: int) -> pl.CostEstimate:
+    """XLA's cost model for one kernel: its [L, L, D] matmuls over every block pair (half when
+    causal). An upper bound: the pairs that packing lets the kernel skip are only known at run time."""
+    b, hq, lp, d = q.shape
+    pairs = b * hq * lp * lp // (2 if causal else 1)
+    sz = q.dtype.itemsize
+    return pl.CostEstimate(flops=2 * matmuls * pairs * d, transcendentals=pairs,
+                           bytes_accessed=(2 * q.size + 2 * k.size * (hq // k.shape[1])) * sz)
+
+
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "plan", "interpret", "debug"))
 def _fwd_padded(q, k, v, seg_p, *, causal, sm_scale, plan, interpret, debug=False):
     b, hq, lp, d = q.shape
@@ -537,7 +628,9 @@ def _fwd_padded(q, k, v, seg_p, *, causal, sm_scale, plan, interpret, debug=Fals
         ),
         out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+            vmem_limit_bytes=plan.vmem_limit),
+        cost_estimate=_cost(q, k, causal, matmuls=2),
         interpret=interpret,
         name="masked_attention_fwd",
     )(*tables, q, k, v, seg_cols, seg_rows)
@@ -618,7 +711,9 @@ def _dq_padded(q, k, v, seg_p, lse, di, do, *, causal, sm_scale, plan, interpret
         ),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+            vmem_limit_bytes=plan.vmem_limit),
+        cost_estimate=_cost(q, k, causal, matmuls=3),
         interpret=interpret,
         name="masked_attention_dq",
     )(*tables, q, k, v, seg_cols, seg_rows, lse, di, do)
@@ -721,7 +816,9 @@ def _dkv_padded(q, k, v, seg_p, lse, di, do, *, causal, sm_scale, plan, interpre
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
+            vmem_limit_bytes=plan.vmem_limit),
+        cost_estimate=_cost(q, k, causal, matmuls=4),
         interpret=interpret,
         name="masked_attention_dkv",
     )(*tables, q, k, v, seg_rows, seg_cols, lse, di, do)
@@ -759,11 +856,13 @@ def _pad_seq(x, lp, axis):
 
 
 def attention_fwd(q, k, v, segment_ids, *, causal: bool, sm_scale: float | None,
-                  block_sizes=None, interpret: bool):
-    """Returns (o [B,Hq,L,D] in q's dtype, lse [B,Hq,L] fp32, 0 on padding queries)."""
+                  block_sizes=None, interpret: bool, chip=None):
+    """Returns (o [B,Hq,L,D] in q's dtype, lse [B,Hq,L] fp32, 0 on padding queries). `chip`: the
+    TPU generation to size blocks and VMEM for (kernels.tpu; default: the compile target or this
+    device)."""
     l, d = _check(q, k, v, segment_ids)
     sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)
-    plan = _plan(block_sizes, l, interpret)
+    plan = _plan(block_sizes, l, interpret, chip=chip, head_dim=d, dtype=q.dtype)
     lp = plan.padded_len
     seg_p = _pad_seq(segment_ids.astype(jnp.int32), lp, 1)
     o, lse = _fwd_padded(_pad_seq(q, lp, 2), _pad_seq(k, lp, 2), _pad_seq(v, lp, 2), seg_p,
@@ -772,11 +871,11 @@ def attention_fwd(q, k, v, segment_ids, *, causal: bool, sm_scale: float | None,
 
 
 def attention_bwd(q, k, v, segment_ids, o, lse, do, *, causal: bool, sm_scale: float | None,
-                  block_sizes=None, interpret: bool):
+                  block_sizes=None, interpret: bool, chip=None):
     """Returns (dq, dk, dv) in the dtypes of q, k, v, from the forward's o and lse."""
     l, d = _check(q, k, v, segment_ids)
     sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)
-    plan = _plan(block_sizes, l, interpret)
+    plan = _plan(block_sizes, l, interpret, chip=chip, head_dim=d, dtype=q.dtype)
     lp = plan.padded_len
     seg_p = _pad_seq(segment_ids.astype(jnp.int32), lp, 1)
     # D_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij: one cheap pass here instead of in both kernels.

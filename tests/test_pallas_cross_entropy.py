@@ -182,14 +182,19 @@ def test_partial_block_computes_only_live_pieces(n_loss, rows):
 # ---- TPU semantics without a TPU -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n,n_loss,dtype,pieces", [
-    (200, 0, jnp.float32, False), (200, 1, jnp.float32, False), (400, 300, jnp.float32, False),
-    (200, 200, jnp.bfloat16, False), (1024, 700, jnp.float32, True)],
-    ids=["none", "one", "multi-block", "all-bf16", "partial-pieces"])
-def test_tpu_interpret_mode(n, n_loss, dtype, pieces):
+@pytest.mark.parametrize("n,n_loss,h,dtype,pieces", [
+    (200, 0, 16, jnp.float32, False), (200, 1, 16, jnp.float32, False),
+    (400, 300, 16, jnp.float32, False), (200, 200, 16, jnp.bfloat16, False),
+    (1024, 700, 16, jnp.float32, True), (300, 260, 1024, jnp.float32, False),
+    (300, 260, 1024, jnp.bfloat16, False)],
+    ids=["none", "one", "multi-block", "all-bf16", "partial-pieces", "H-chunks-f32", "H-chunks-bf16"])
+def test_tpu_interpret_mode(n, n_loss, h, dtype, pieces):
     """Simulated TPU: DMAs complete only when waited on, fresh buffers are NaN, races are detected.
     Catches a missing wait, a block read before its copy or a write-back that is never issued, on
-    both d_hidden paths (one live token block in VMEM; several, read-modify-written in HBM)."""
+    both d_hidden paths (one live token block in VMEM; several, read-modify-written in HBM), and on
+    both d_weight write-backs (fp32 W straight from the accumulator, bf16 W through a cast copy),
+    with H contracted in 512-lane chunks (H = 1024) as on a TPU."""
+    assert (pce._h_chunk(h, False) < h) == (h > 512)
     params = pltpu.InterpretParams(dma_execution_mode="on_wait", detect_races=True,
                                    uninitialized_memory="nan")
     from jax._src.pallas.mosaic import interpret as tpu_interpret
@@ -198,10 +203,47 @@ def test_tpu_interpret_mode(n, n_loss, dtype, pieces):
         # Fresh jits: the interpret mode is picked up while tracing.
         fwd = jax.jit(pce.cross_entropy_fwd, static_argnames=_STATIC)
         bwd = jax.jit(pce.cross_entropy_bwd, static_argnames=_STATIC)
-        _check_against_reference(*_inputs(n, 16, 1000, n_loss, dtype, seed=8),
+        _check_against_reference(*_inputs(n, h, 1000, n_loss, dtype, seed=8),
                                  block_sizes=PIECES if pieces else SMALL, interpret=False,
                                  fwd=fwd, bwd=bwd)
     assert tpu_interpret.races is None or not tpu_interpret.races.races_found
+
+
+def test_tpu_interpret_mode_single_weight_buffer():
+    """The backward's fallback for small VMEM (one W slab, fetched when its vocab block starts),
+    as chosen for a chip whose VMEM holds one slab but not two: exact, race-free, NaN-safe."""
+    from kernels import tpu as ktpu
+
+    n, h, v, dtype = 400, 1024, 1000, jnp.float32
+    bs = pce.BlockSizes(block_tokens=128, block_vocab=256, block_vocab_bwd=512)
+    one = pce.vmem_estimate("bwd", 128, 512, h, dtype, dtype, w_buffers=1)
+    two = pce.vmem_estimate("bwd", 128, 512, h, dtype, dtype, w_buffers=2)
+    limit = (one + two) // 2  # holds one slab, not two
+    small = ktpu.TpuChip("small", "small test chip", _vmem_for_limit(limit), 1, 1.0, 1.0)
+    assert small.kernel_vmem_limit >= one and small.kernel_vmem_limit < two
+    assert pce.bwd_weight_buffers(128, 512, h, dtype, dtype, small) == 1
+    params = pltpu.InterpretParams(dma_execution_mode="on_wait", detect_races=True,
+                                   uninitialized_memory="nan")
+    from jax._src.pallas.mosaic import interpret as tpu_interpret
+
+    with pltpu.force_tpu_interpret_mode(params):
+        static = ("block_sizes", "interpret", "chip")
+        fwd = jax.jit(pce.cross_entropy_fwd, static_argnames=static)
+        bwd = jax.jit(pce.cross_entropy_bwd, static_argnames=static)
+        _check_against_reference(*_inputs(n, h, v, 300, dtype, seed=9), block_sizes=bs,
+                                 interpret=False, fwd=functools.partial(fwd, chip=small),
+                                 bwd=functools.partial(bwd, chip=small))
+    assert tpu_interpret.races is None or not tpu_interpret.races.races_found
+
+
+def _vmem_for_limit(limit):
+    """The VMEM size whose kernel_vmem_limit (capacity less max(capacity / 16, 1 MiB)) is limit."""
+    from kernels import tpu as ktpu
+
+    vmem = limit + ktpu.MiB
+    while ktpu.TpuChip("x", "x", vmem, 1, 1.0, 1.0).kernel_vmem_limit < limit:
+        vmem += 4096
+    return vmem
 
 
 # ---- lowering for TPU ----------------------------------------------------------------------------
@@ -213,20 +255,18 @@ def _export_text(fn, *args):
 
 
 def test_lowers_to_mosaic_for_tpu():
-    """bf16 at the Qwen3-1.7B head size with the default (TPU) block sizes: every kernel must lower
+    """bf16 at the Qwen3-1.7B head size with the tiles chosen for v5e: every kernel must lower
     to a Mosaic tpu_custom_call (block shapes, layouts, DMA and semaphore use all checked by the
-    Pallas TPU lowering). Lowering only; nothing runs."""
+    Pallas TPU lowering). Lowering only; nothing runs (tests/test_tpu_compile.py compiles them)."""
     n, h, v = 8192, 2048, 151936
     sds = jax.ShapeDtypeStruct
     args = (sds((n, h), jnp.bfloat16), sds((v, h), jnp.bfloat16), sds((n,), jnp.int32),
             sds((n,), jnp.float32))
-    fwd = functools.partial(pce.cross_entropy_fwd, block_sizes=pce.DEFAULT_BLOCK_SIZES,
-                            interpret=False)
+    fwd = functools.partial(pce.cross_entropy_fwd, interpret=False, chip="v5e")
     text = _export_text(fwd, *args)
     assert text.count("tpu_custom_call") == 1
     assert "masked_ce_fwd" in text
-    bwd = functools.partial(pce.cross_entropy_bwd, block_sizes=pce.DEFAULT_BLOCK_SIZES,
-                            interpret=False)
+    bwd = functools.partial(pce.cross_entropy_bwd, interpret=False, chip="v5e")
     text = _export_text(bwd, *args, sds((n,), jnp.float32), sds((), jnp.float32))
     assert text.count("tpu_custom_call") == 1
     assert "masked_ce_bwd" in text
