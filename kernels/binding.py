@@ -59,24 +59,77 @@ def _on_tpu() -> bool:
 
 def resolve_backend(backend: str | None = None) -> str:
     """Concrete backend name: explicit argument, else $PALLAS_DLM_BACKEND, else 'reference';
-    'pallas' becomes 'mosaic' on TPU and 'interpret' elsewhere."""
+    'pallas' becomes 'mosaic' on TPU (and while compiling for one, kernels.tpu.compile_for) and
+    'interpret' elsewhere."""
     name = backend if backend is not None else os.environ.get(ENV_BACKEND) or DEFAULT_BACKEND
     name = str(name).strip().lower()
     if name not in BACKENDS:
         source = "backend" if backend is not None else f"${ENV_BACKEND}"
         raise ValueError(f"kernels: {source}={name!r} is unknown; allowed: {', '.join(BACKENDS)}")
     if name == "pallas":
-        name = "mosaic" if _on_tpu() else "interpret"
+        name = "mosaic" if lowering_platform() == "tpu" else "interpret"
     return name
 
 
+def lowering_platform() -> str:
+    """The platform call_jax lowers the JAX functions for: "tpu" on a TPU and while compiling ahead
+    of time for one (kernels.tpu.compile_for), else "cpu" (JAX's default backend there: the trainer
+    and tests run JAX on the CPU). Chosen here, not by JAX's default backend: inside torch_xla on
+    a TPU that backend is not the runtime that compiles the graph."""
+    from kernels import tpu as ktpu
+
+    return "tpu" if _on_tpu() or ktpu.compile_target() is not None else "cpu"
+
+
+_CALLABLES: dict = {}
+
+
 def _call_jax(fn, args, kwargs):
+    """torch_xla's call_jax, lowering for lowering_platform() (torch_xla's own lowers for JAX's
+    default backend). Same cache semantics: keyed on the function's identity, then on shapes and
+    static values."""
     # Imported here: torch_xla must be imported (and its device created) by the caller's process
     # before CPU autograd runs, which the trainer and tests arrange; importing it lazily keeps
     # `import kernels` cheap for the naive path.
+    from jax._src import config
+    from torch_xla._internal.jax_workarounds import maybe_get_jax, maybe_get_torchax
+
+    # As torch_xla's call_jax, before the key (the JAX config is part of it): these set JAX up for torch_xla
+    # (GSPMD-style shardings, not Shardy's, in the lowered HLO).
+    maybe_get_jax()
+    maybe_get_torchax()
+    platform = lowering_platform()
+    key = (id(fn), platform, config.trace_context())
+    if key not in _CALLABLES:
+        _CALLABLES[key] = _platform_callable(fn, platform)
+    return _CALLABLES[key](*args, **kwargs)
+
+
+def traced_count() -> int:
+    """How many (function, shapes, statics) specialisations _call_jax has traced so far."""
+    return sum(len(c._cache) for c in _CALLABLES.values())
+
+
+def _platform_callable(fn, platform: str):
     from torch_xla.core import xla_builder as xb
 
-    return xb.call_jax(fn, tuple(args), kwargs)
+    class JaxOnPlatform(xb.JaxCallable):
+        def specialize(self, sample_flat_args):
+            import jax
+            from torchax.ops.mappings import t2j_dtype
+
+            shapes = tuple(jax.ShapeDtypeStruct(a.shape, t2j_dtype(a.dtype)) for a in sample_flat_args)
+            jitted = jax.jit(self._flat_input_func.flat_call, keep_unused=True)
+            # For the CPU, JAX's own (default-backend) lowering, as torch_xla's: it keeps CPU-specific
+            # rules that an explicit cross-platform lowering drops (a bf16 x bf16 -> fp32 dot that
+            # XLA:CPU cannot run, "DotThunk: BF16 x BF16 = F32").
+            lowered = (jitted.lower(shapes) if platform == "cpu"
+                       else jitted.trace(shapes).lower(lowering_platforms=(platform,)))
+            proto = lowered.compiler_ir("hlo").as_serialized_hlo_module_proto()
+            return xb.xla_computation_as_func(
+                xb.computation_from_module_proto("jax_callable", proto), "jax_func")
+
+    return JaxOnPlatform(fn)
 
 
 # Per-op residual convention, matching kernels.reference:
@@ -257,9 +310,10 @@ def _call_jax_sharded(fn, tensors, static, in_specs, out_specs):
         scalar = t.ndim == 0
         if scalar:
             t, spec = t.reshape(1), (None,)
-        if torch_xla._XLAC._get_xla_sharding_spec(t):
+        if t.is_leaf or torch_xla._XLAC._get_xla_sharding_spec(t):
             # mark_sharding refuses to change the annotation of a tensor that already has one (an
-            # input sharded on the batch only, say); a view is a fresh IR value it can annotate.
+            # input sharded on the batch only, say), and crashes on a parameter without data (the
+            # placeholders of train/aot.py); a view is a fresh IR value it can annotate.
             t = t.view(t.shape)
         t = xs.enable_manual_sharding(t, spec, mesh=mesh).global_tensor
         local.append(t.reshape(()) if scalar else t)
@@ -283,7 +337,35 @@ def _static_kwargs(impl, block_sizes, **base):
     kwargs.update(base)
     if impl.takes_block_sizes and block_sizes is not None:
         kwargs["block_sizes"] = _hashable(block_sizes)
+    if impl.name == "mosaic":  # the Mosaic kernels size their tiles and VMEM for the chip
+        kwargs["chip"] = target_chip()
     return kwargs
+
+
+def target_chip() -> str | None:
+    """Name of the TPU generation the Mosaic kernels are built for: the ahead-of-time target
+    (kernels.tpu.compile_for), else this process's TPU (its PJRT device kind), else None (sized
+    for every generation)."""
+    from kernels import tpu as ktpu
+
+    chip = ktpu.compile_target()
+    if chip is None and _on_tpu():
+        import torch_xla.core.xla_model as xm
+
+        chip = ktpu.detect_chip(xm.xla_device_kind())
+    return chip.name if chip is not None else None
+
+
+def _compute_dtype(device_type: str, *tensors) -> torch.dtype:
+    """The dtype a kernel's floating operands are brought to: autocast's when it is on for the
+    device (bf16 MXU operands with fp32 accumulation, as autocast gives a matmul), else the widest
+    of theirs (under autocast q and k leave the fp32-weighted RMSNorm as fp32 while v is bf16)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def _hashable(value):
@@ -322,6 +404,8 @@ def masked_attention(q, k, v, segment_ids, *, causal: bool = False, sm_scale: fl
                          f"[B, L] = {(q.shape[0], q.shape[2])}")
     sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     segment_ids = segment_ids.to(torch.int32)
+    dtype = _compute_dtype(q.device.type, q, k, v)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     name = resolve_backend(backend)
     if name == "naive":
         return attention_naive(q, k, v, segment_ids, causal=causal, sm_scale=sm_scale)
@@ -347,6 +431,10 @@ def masked_cross_entropy(hidden, weight, targets, token_weight, *, backend: str 
                          f"{tuple(token_weight.shape)} must be [N] = ({n},)")
     targets = targets.to(torch.int32)
     token_weight = token_weight.to(torch.float32)
+    # Under autocast the LM head's operands are bf16, as autocast makes any matmul's; the kernels
+    # accumulate logits, the log-sum-exp and both gradients in fp32 and return an fp32 loss.
+    dtype = _compute_dtype(hidden.device.type, hidden, weight)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
     name = resolve_backend(backend)
     if name == "naive":
         return cross_entropy_naive(hidden, weight, targets, token_weight)

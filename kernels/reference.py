@@ -72,8 +72,10 @@ def _grouped(x, hkv):
 
 
 def _scores(q, k, hkv, sm_scale):
-    qg = _grouped(q, hkv)
-    s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, k, precision=_PRECISION, preferred_element_type=_F32)
+    # Operands widened to fp32 (exact for bf16, and the same fp32 accumulation): XLA:CPU cannot run
+    # a batched bf16 x bf16 -> fp32 dot ("DotThunk: BF16 x BF16 = F32") on CPUs with avx512_bf16.
+    qg = _grouped(q, hkv).astype(_F32)
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, k.astype(_F32), precision=_PRECISION)
     return s * jnp.asarray(sm_scale, _F32)
 
 
@@ -148,8 +150,7 @@ def _active_rows(hidden, token_weight):
 
 
 def _logits(hidden, weight):
-    return jnp.einsum("nh,vh->nv", hidden, weight, precision=_PRECISION,
-                      preferred_element_type=_F32)
+    return jnp.einsum("nh,vh->nv", hidden.astype(_F32), weight.astype(_F32), precision=_PRECISION)
 
 
 def cross_entropy_reference_fwd(hidden, weight, targets, token_weight):
