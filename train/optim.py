@@ -89,6 +89,85 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
 
+class Adafactor(torch.optim.Optimizer):
+    """torch.optim.Adafactor's update (same hyperparameters and state keys: step, row_var, col_var,
+    variance), computed entirely on the device.
+
+    Why our own: torch's reads two norms per parameter back to the host inside its step (`.item()` for
+    the relative step size and for the update clipping). On XLA each read cuts the graph and waits for
+    the device: a step becomes one compiled graph per parameter, and it cannot be traced ahead of time
+    (train/aot.py). Here those norms stay tensors; the step count stays on the host, and the scalars
+    derived from it enter the graph as device data (not as Python numbers, which torch_xla would bake
+    in as constants when they are exactly 0 or 1, as 1 - beta2_t is at step 1: a second compile).
+
+    Decoder weights stacked for scan (`stacked`, a set of parameters) get the update of each layer
+    alone, as unstacked: the root-mean-squares that scale the step and clip the update are taken per
+    layer, and the factored second moment is per layer already (rows and columns are the last two
+    dimensions).
+    """
+
+    def __init__(self, params, lr: float = 1e-2, beta2_decay: float = -0.8, eps=(None, 1e-3), d: float = 1.0,
+                 weight_decay: float = 0.0, stacked=()):
+        if not lr >= 0 or not beta2_decay <= 0 or not d >= 1 or not weight_decay >= 0 or not eps[1] >= 0 \
+                or (eps[0] is not None and not eps[0] >= 0):
+            raise ValueError(f"optimizer: invalid Adafactor settings lr={lr}, beta2_decay={beta2_decay}, eps={eps}, "
+                             f"d={d}, weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, beta2_decay=beta2_decay, eps=tuple(eps), d=d,
+                                      weight_decay=weight_decay))
+        self._stacked = {id(p) for p in stacked}
+
+    def init_state(self, param: torch.Tensor) -> dict:
+        state = {"step": torch.zeros((), dtype=torch.float32)}
+        if param.ndim - (id(param) in self._stacked) >= 2:  # factored: one row and one column statistic
+            state["row_var"] = param.new_zeros(param.shape[:-1] + (1,))
+            state["col_var"] = param.new_zeros(param.shape[:-2] + (1, param.shape[-1]))
+        else:
+            state["variance"] = torch.zeros_like(param)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        scalars: dict = {}  # per step count, lr, device...: one host-to-device copy, not one per tensor
+        for group in self.param_groups:
+            lr, d, weight_decay = group["lr"], group["d"], group["weight_decay"]
+            eps1, eps2 = group["eps"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    state.update(self.init_state(param))
+                state["step"] += 1
+                count = float(state["step"])
+                # 1 - beta2_t (the new statistics' weight) and the relative step size, as device scalars.
+                key = (count, lr, group["beta2_decay"], param.device, param.dtype)
+                if key not in scalars:
+                    scalars[key] = torch.tensor([count ** group["beta2_decay"], min(lr, count ** -0.5)],
+                                                dtype=param.dtype).to(param.device).unbind()
+                w, rho = scalars[key]
+                grad, tiny = param.grad, torch.finfo(param.dtype).eps if eps1 is None else eps1
+                per = tuple(range(1, param.ndim)) if id(param) in self._stacked else tuple(range(param.ndim))
+                rms = lambda t: t.square().mean(dim=per, keepdim=True).sqrt()  # noqa: E731  (per layer)
+                alpha = rms(param).clamp(min=eps2) * rho
+                if weight_decay:
+                    param.mul_(1 - lr * weight_decay)
+                if "row_var" in state:
+                    row_var, col_var = state["row_var"], state["col_var"]
+                    row_var.add_((grad.square().mean(dim=-1, keepdim=True) - row_var) * w)
+                    col_var.add_((grad.square().mean(dim=-2, keepdim=True) - col_var) * w)
+                    estimate = (row_var @ col_var) / row_var.mean(dim=-2, keepdim=True).clamp(min=tiny)
+                else:
+                    state["variance"].add_((grad.square() - state["variance"]) * w)
+                    estimate = state["variance"]
+                update = estimate.clamp(min=tiny * tiny).rsqrt() * grad
+                param.sub_(update * (alpha / (rms(update) / d).clamp(min=1.0)))
+        return loss
+
+
 def build_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
     opt = cfg.optimizer
     groups = _param_groups(model, float(opt.weight_decay))
@@ -96,18 +175,20 @@ def build_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Opti
         beta1, beta2 = (float(b) for b in opt.betas)
         return AdamW(groups, lr=float(opt.learning_rate), betas=(beta1, beta2), eps=float(opt.eps))
     if opt.type == "adafactor":
-        return torch.optim.Adafactor(groups, lr=float(opt.learning_rate), foreach=False)
+        stacked = model.stacked_parameter_names() if hasattr(model, "stacked_parameter_names") else set()
+        return Adafactor(groups, lr=float(opt.learning_rate),
+                         stacked=[p for n, p in model.named_parameters() if n in stacked])
     raise ValueError(f"optimizer.type: unknown value {opt.type!r}; allowed: adamw, adafactor")
 
 
 def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create AdamW's state (zeros, step 0) up front, as its first step would.
+    """Create the optimizer's state (zeros, step 0) up front, as its first step would.
 
     With the state created inside the first step, that step would trace a different graph from every
     later one and torch_xla would compile twice; with the state present from the start, step 1 already
-    runs the steady-state graph. Other optimizers keep their lazy initialisation.
+    runs the steady-state graph.
     """
-    if not isinstance(optimizer, AdamW):
+    if not isinstance(optimizer, (AdamW, Adafactor)):
         return
     for group in optimizer.param_groups:
         for param in group["params"]:
