@@ -350,8 +350,8 @@ class Qwen3ForDiffusionLM(nn.Module):
         """The stacked decoder layers: on XLA one torch_xla scan over the stacked weights, each step
         one layer (RoPE angles recomputed inside the step from the positions: cheap and elementwise,
         and the only per-step inputs besides the weights are two int32 [B, L] maps). With gradient
-        checkpointing, AOTAutograd's min-cut partitioner decides what the backward recomputes
-        instead of keeping. Elsewhere (CPU tensors) a plain loop over the rows of the weights."""
+        checkpointing each step keeps only its inputs for the backward, which recomputes the layer
+        (_recompute_layer_partition). Elsewhere (CPU tensors) a plain loop over the rows of the weights."""
         stack = self.model.layers
         if x.device.type != "xla":
             cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
@@ -363,7 +363,7 @@ class Qwen3ForDiffusionLM(nn.Module):
 
         remat = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if remat:
-            from functorch.compile import min_cut_rematerialization_partition as partition
+            partition = _recompute_layer_partition
         else:
             from functorch.compile import default_partition as partition
         n = stack.num_layers
@@ -403,6 +403,19 @@ class Qwen3ForDiffusionLM(nn.Module):
                 f"loss_kernel={self.loss_kernel!r}, "
                 f"gradient_checkpointing={self.gradient_checkpointing}, "
                 f"scan_layers={self.scan_layers}")
+
+
+def _recompute_layer_partition(joint_module, joint_inputs, **kwargs):
+    """Activation checkpointing of a scanned layer: the forward keeps only the step's inputs and the
+    backward recomputes the rest (AOTAutograd's min-cut partitioner at an activation memory budget
+    of 0). At its default budget the partitioner keeps every matmul output instead, e.g. a
+    [layers, tokens, intermediate] bf16 stack per MLP projection: 2.6 GiB each for Qwen3-1.7B at
+    8 x 1,024 tokens per chip, which kept the SFT recipe off a v5e-8 (train/aot.py found it)."""
+    from functorch.compile import min_cut_rematerialization_partition
+    from torch._functorch import config
+
+    with config.patch(activation_memory_budget=0.0):
+        return min_cut_rematerialization_partition(joint_module, joint_inputs, **kwargs)
 
 
 def _checkpoint_fn(x: torch.Tensor):

@@ -96,9 +96,10 @@ def constrain(x, name: str):
     import torch_xla
     import torch_xla.distributed.spmd as xs
 
-    if _annotated(x):
+    if x.is_leaf or _annotated(x):
         # A tensor that carries an annotation already (a parameter) cannot be re-annotated, and a
-        # clone keeps it; a view is a fresh value.
+        # clone keeps it; a view is a fresh value. (So is it for a parameter without data: the
+        # placeholders of an ahead-of-time compile, train/aot.py, which mark_sharding crashes on.)
         x = x.view(x.shape)
     return xs.mark_sharding_with_gradients(x, mesh, spec)
 

@@ -168,3 +168,21 @@ def test_full_mask_steps_mask_whole_answers_then_hand_over_to_uniform_t(tmp_path
     plain, full = positions[0], positions[2]
     assert full[0] > plain[0] and full[1] > plain[1]
     assert full[2] == plain[2]
+
+
+def test_bf16_trains_with_the_pallas_kernels_and_tracks_fp32(tmp_path):
+    """precision=bf16 (TPU's default) with both Pallas kernels on the CPU: under autocast q and k leave the
+    fp32-weighted RMSNorm as fp32 and v as bf16, and the LM head's operands are fp32 parameters; the kernels
+    get one dtype (bf16 operands, fp32 accumulation). The run trains and its loss follows fp32's."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        result = Trainer(_cfg(tmp_path, precision, "max_steps=40", f"precision={precision}",
+                              "model.attention_kernel=pallas", "model.loss_kernel=pallas",
+                              "diffusion.full_mask_steps=0"), log=_quiet).fit()
+        losses[precision] = [result.step_losses[s] for s in sorted(result.step_losses)]
+        assert result.final_eval["eval/loss"] < 0.5 * result.initial_eval["eval/loss"], precision
+    fp32, bf16 = losses["fp32"], losses["bf16"]
+    late = lambda xs: sum(xs[-10:]) / 10  # noqa: E731
+    assert late(bf16) == pytest.approx(late(fp32), rel=0.15), (late(bf16), late(fp32))
+    for step in (0, 1, 2):  # the same weights and noise: the first steps differ by bf16 rounding only
+        assert bf16[step] == pytest.approx(fp32[step], rel=0.02), step
