@@ -27,6 +27,7 @@ import statistics
 import pytest
 
 from bench import harness
+from kernels import tpu as ktpu
 
 # The trainer's defaults (train/configs): 16 rows x 128 tokens per step.
 SHAPE = dict(rows=16, block_size=128, batches=1)
@@ -84,9 +85,9 @@ def tpu_peak_tflops() -> tuple[str, float] | None:
             return None
     kind = kind.lower()
     for chip, names in (("v5e", ("v5e", "v5lite", "v5litepod")), ("v5p", ("v5p",)),
-                        ("v6e", ("v6e", "v6lite"))):
+                        ("v6e", ("v6e", "v6lite")), ("v4", ("v4",))):
         if any(kind.startswith(n) for n in names):
-            return chip, harness.TPU_PEAK_TFLOPS[chip]
+            return chip, ktpu.CHIPS[chip].peak_bf16_flops / 1e12
     return None
 
 

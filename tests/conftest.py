@@ -11,6 +11,10 @@ import os
 import pytest
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
+# JAX only lowers kernels here; off a TPU it must not probe for one (libtpu, installed for the TPU
+# compile checks, would print warnings). train/runtime.py does the same for the trainer.
+if os.environ["PJRT_DEVICE"].upper() != "TPU":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests run tiny graphs once: XLA:CPU's LLVM optimisation costs far more than it saves there
 # (a 2-layer model's forward+backward compiled in ~20 s at the default level, ~6 s at 0 on the
 # 2-core CI machine). Numerics are unchanged up to float reassociation. Set before torch_xla and
@@ -23,6 +27,11 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import torch_xla  # noqa: E402
 
 _XLA_DEVICE = torch_xla.device()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--tpu-full", action="store_true", default=False,
+                     help="tests/test_tpu_compile.py: compile the whole matrix (make tpu-check), not its CI subset")
 
 
 @pytest.fixture(scope="session")
@@ -44,9 +53,13 @@ def xla_sync():
 
 
 def jax_on_tpu() -> bool:
-    """Whether JAX runs on a TPU here (the `tpu`-marked Mosaic tests skip otherwise)."""
+    """Whether JAX runs on a TPU here (the plain-JAX `tpu`-marked Mosaic tests skip otherwise). Not
+    when torch_xla holds the TPU in this process (PJRT_DEVICE=TPU): there the kernels' parity runs
+    through torch_xla instead (tests/test_tpu_parity.py)."""
     import jax
 
+    if os.environ["PJRT_DEVICE"].upper() == "TPU":
+        return False
     try:
         return jax.devices()[0].platform == "tpu"
     except RuntimeError:

@@ -17,6 +17,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip() + "\n\nEvery key of train/configs/config.yaml (and model/, data/) can be set as key=value; "
               "see README.md for the reference.")
         return 0
+    compile_only = _compile_only(argv)
+    if compile_only == "invalid":
+        return 2
+    if compile_only:
+        runtime.prepare_compile_only(compile_only)
     runtime.xla_device()  # before anything else touches autograd (DESIGN.md section 6)
     from data import DataError
     from train.checkpoint import CheckpointError
@@ -25,6 +30,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(argv)
+        if cfg.compile_only:
+            from train.aot import compile_step, format_report
+
+            result = compile_step(cfg, cfg.compile_only)
+            print(format_report(result))
+            if cfg.compile_report:
+                result.write_json(cfg.compile_report)
+            return 0 if result.fits else 1
         trainer = Trainer(cfg)
         result = trainer.fit()
     except (ConfigError, DataError, CheckpointError) as err:
@@ -38,6 +51,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint: {result.checkpoint}")
     print(f"metrics: {result.output_dir / 'metrics.jsonl'}, loss curve: {result.output_dir / 'loss_curve.png'}")
     return 0
+
+
+def _compile_only(argv: list[str]):
+    """compile_only=<topology> on the command line: the chips to trace for (the virtual devices must exist
+    before torch_xla starts); None when absent; "invalid" (reported) for a topology that does not parse."""
+    value = next((a.split("=", 1)[1] for a in argv if a.startswith("compile_only=")), None)
+    if value is None or value.strip().lower() in ("", "null", "none"):
+        return None
+    from train.aot import devices_needed
+
+    try:
+        return devices_needed(value)
+    except ValueError as err:
+        print(f"error: compile_only: {err}", file=sys.stderr)
+        return "invalid"
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ import torch
 
 # The CPU PJRT client is what runs here; on a TPU VM the environment (or libtpu) selects TPU.
 os.environ.setdefault("PJRT_DEVICE", "CPU")
+# JAX only traces and lowers the kernels for torch_xla (kernels/binding.py picks the platform); off a TPU
+# it must not look for one: with libtpu installed (the tpu-compile extra) it would, and print warnings.
+if os.environ["PJRT_DEVICE"].upper() != "TPU":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # On CPU, PJRT's synchronous client lets torch_xla trace step n+1 while step n runs: with the
 # asynchronous one (its default) the step marker waited for the execution, and a qwen3-tiny step took
 # ~177 ms instead of ~146 ms on this 2-core machine. TPU runs do not read this variable.
@@ -45,6 +49,15 @@ def device_count() -> int:
     import torch_xla.runtime as xr
 
     return xr.global_runtime_device_count()
+
+
+def prepare_compile_only(devices: int) -> None:
+    """Before the XLA device exists: trace on the CPU with one virtual device per TPU chip of the
+    ahead-of-time target (train/aot.py), whatever this machine is."""
+    os.environ["PJRT_DEVICE"] = "CPU"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if devices > 1:
+        os.environ["CPU_NUM_DEVICES"] = str(devices)
 
 
 def sync() -> None:
