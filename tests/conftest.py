@@ -52,6 +52,20 @@ def xla_sync():
         xm.mark_step()
 
 
+def packed_segments(length, rows):
+    """int32 [len(rows), length] segment ids: row r holds segments of the lengths rows[r] (ids 1, 2, ...
+    in order), then padding (0)."""
+    import torch
+
+    seg = torch.zeros(len(rows), length, dtype=torch.int32)
+    for r, lengths in enumerate(rows):
+        pos = 0
+        for sid, n in enumerate(lengths, start=1):
+            seg[r, pos:pos + n] = sid
+            pos += n
+    return seg
+
+
 def jax_on_tpu() -> bool:
     """Whether JAX runs on a TPU here (the plain-JAX `tpu`-marked Mosaic tests skip otherwise). Not
     when torch_xla holds the TPU in this process (PJRT_DEVICE=TPU): there the kernels' parity runs

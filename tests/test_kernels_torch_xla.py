@@ -9,17 +9,7 @@ from model.config import Qwen3Config
 from model.diffusion import DiffusionConfig, diffusion_loss
 from model.qwen3 import Qwen3ForDiffusionLM
 
-from conftest import xla_sync
-
-
-def _segments(length, rows):
-    seg = torch.zeros(len(rows), length, dtype=torch.int32)
-    for r, lengths in enumerate(rows):
-        pos = 0
-        for sid, n in enumerate(lengths, start=1):
-            seg[r, pos:pos + n] = sid
-            pos += n
-    return seg
+from conftest import packed_segments, xla_sync
 
 
 def _attention_grads(device, backend, q, k, v, seg, do, causal, block_sizes=None):
@@ -44,7 +34,7 @@ def test_attention_interpret_matches_reference_through_torch_xla(xla_device, hq,
     b, d = len(rows), 64
     q, do = torch.randn(b, hq, length, d).to(dtype), torch.randn(b, hq, length, d).to(dtype)
     k, v = torch.randn(b, hkv, length, d).to(dtype), torch.randn(b, hkv, length, d).to(dtype)
-    seg = _segments(length, rows)
+    seg = packed_segments(length, rows)
     # Small blocks so that several (q, k) block pairs exist and skipping is exercised.
     got = _attention_grads(xla_device, "interpret", q, k, v, seg, do, causal, {"block_q": 64, "block_k": 64})
     want = _attention_grads(xla_device, "reference", q, k, v, seg, do, causal)
@@ -72,7 +62,7 @@ def _packed_sft_batch(device):
     g = torch.Generator().manual_seed(1)
     b, length = 2, 96
     input_ids = torch.randint(0, 120, (b, length), generator=g, dtype=torch.int32)
-    seg = _segments(length, [[30, 40, 26], [50]])
+    seg = packed_segments(length, [[30, 40, 26], [50]])
     position_ids = torch.zeros_like(seg)
     src_mask = torch.ones(b, length, dtype=torch.bool)
     for r in range(b):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kernels
-from conftest import xla_sync
+from conftest import packed_segments, xla_sync
 from kernels.naive import attention_naive, cross_entropy_naive
 from train import runtime
 
@@ -29,16 +29,6 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
 
-def _segments(length, rows):
-    seg = torch.zeros(len(rows), length, dtype=torch.int32)
-    for r, lengths in enumerate(rows):
-        pos = 0
-        for sid, n in enumerate(lengths, start=1):
-            seg[r, pos:pos + n] = sid
-            pos += n
-    return seg
-
-
 @pytest.mark.parametrize("hq,hkv,rows,length,head_dim,causal,dtype", [
     (16, 8, [[300, 1, 400], [1000]], 1000, 128, True, torch.bfloat16),
     (4, 2, [[70, 50, 1, 40], []], 512, 64, False, torch.float32),
@@ -49,7 +39,7 @@ def test_attention_mosaic_matches_float64(hq, hkv, rows, length, head_dim, causa
     gen = torch.Generator().manual_seed(0)
     b = len(rows)
     q, k, v, do = (torch.randn(b, h, length, head_dim, generator=gen).to(dtype) for h in (hq, hkv, hkv, hq))
-    seg = _segments(length, rows)
+    seg = packed_segments(length, rows)
     qx, kx, vx = (t.to(xla_device).requires_grad_() for t in (q, k, v))
     o = kernels.masked_attention(qx, kx, vx, seg.to(xla_device), causal=causal, backend="mosaic")
     (o * do.to(xla_device)).sum().backward()

@@ -23,7 +23,34 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-class AdamW(torch.optim.Optimizer):
+class _StepCounted(torch.optim.Optimizer):
+    """What our optimizers share: state created on a parameter's first update (init_state), a step count
+    per parameter kept on the host, the optional closure."""
+
+    def init_state(self, param: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+    @staticmethod
+    def _closure_loss(closure):
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def _stepped(self, group: dict):
+        """(parameter, its state, its step count after this update) for the group's parameters that have a
+        gradient; the count is incremented here."""
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            state = self.state[param]
+            if not state:
+                state.update(self.init_state(param))
+            state["step"] += 1
+            yield param, state, float(state["step"])
+
+
+class AdamW(_StepCounted):
     """AdamW (bias-corrected, decoupled weight decay), the same update as torch.optim.AdamW, written as
     a handful of multi-tensor ops per parameter group.
 
@@ -50,24 +77,15 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
             # Parameters share a step count unless one went without a gradient; bias corrections are
             # per count, so parameters are updated in sets of equal counts (normally one set).
             by_count: dict[float, list[torch.Tensor]] = {}
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    state.update(self.init_state(param))
-                state["step"] += 1
-                by_count.setdefault(float(state["step"]), []).append(param)
+            for param, _, count in self._stepped(group):
+                by_count.setdefault(count, []).append(param)
             for count, params in by_count.items():
                 grads = [p.grad for p in params]
                 exp_avg = [self.state[p]["exp_avg"] for p in params]
@@ -89,7 +107,7 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
 
-class Adafactor(torch.optim.Optimizer):
+class Adafactor(_StepCounted):
     """torch.optim.Adafactor's update (same hyperparameters and state keys: step, row_var, col_var,
     variance), computed entirely on the device.
 
@@ -127,22 +145,12 @@ class Adafactor(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         scalars: dict = {}  # per step count, lr, device...: one host-to-device copy, not one per tensor
         for group in self.param_groups:
             lr, d, weight_decay = group["lr"], group["d"], group["weight_decay"]
             eps1, eps2 = group["eps"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    state.update(self.init_state(param))
-                state["step"] += 1
-                count = float(state["step"])
+            for param, state, count in self._stepped(group):
                 # 1 - beta2_t (the new statistics' weight) and the relative step size, as device scalars.
                 key = (count, lr, group["beta2_decay"], param.device, param.dtype)
                 if key not in scalars:
@@ -188,7 +196,7 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     later one and torch_xla would compile twice; with the state present from the start, step 1 already
     runs the steady-state graph.
     """
-    if not isinstance(optimizer, (AdamW, Adafactor)):
+    if not isinstance(optimizer, _StepCounted):
         return
     for group in optimizer.param_groups:
         for param in group["params"]:
