@@ -38,9 +38,14 @@ segment 0, zero-filled) so no block ever reads past the arrays.
 Segment ids must be >= 0 (0 = padding), as the batch contract has them; the schedule treats
 anything <= 0 as padding.
 
+On TPU the blocks are chosen per chip (kernels/tpu.py has each generation's VMEM): with none given,
+each kernel takes the largest pair of _LADDER whose VMEM estimate (`vmem_estimate`: pipelined blocks,
+scratch, score temporaries) fits; given blocks that cannot fit are refused in one line. The kernels
+declare a scoped VMEM limit from the estimate and carry `pl.CostEstimate`s for XLA's cost model.
+
 Public: `BlockSizes`, `DEFAULT_BLOCK_SIZES`, `attention_fwd`, `attention_bwd` (the backend pair),
-`block_schedule`, `count_computed_blocks`, `attention_matmul_flops`, and the debug helper
-`attention_fwd_block_visits`.
+`block_schedule`, `count_computed_blocks`, `attention_matmul_flops`, `vmem_estimate`, and the debug
+helper `attention_fwd_block_visits`.
 """
 
 from __future__ import annotations

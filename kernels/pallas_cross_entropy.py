@@ -26,12 +26,17 @@ computed without ever materialising the [N, V] logits, and only for the loss pos
   dtype, cast once); d_hidden accumulates over vocab blocks in fp32 (in VMEM when one token block is
   live, else read-modify-written in HBM with double buffering). Four matmuls per live block in all,
   against the naive path's three over every row.
+* On TPU: every matmul contracts H in 512-lane chunks (Mosaic's temporaries stay chunk-sized at any
+  hidden size), and the tiles are chosen per chip from a VMEM estimate (`tiles_for`, `vmem_estimate`;
+  kernels/tpu.py has each generation's VMEM): 512 x 512 wherever they fit, down to 128 x 128 with
+  one W slab on v4 at hidden 4096. Tiles given that cannot fit are refused in one line.
 
 Public API (module-level, the kernels contract's backend convention):
-    cross_entropy_fwd(hidden, weight, targets, token_weight, *, block_sizes=None, interpret)
+    cross_entropy_fwd(hidden, weight, targets, token_weight, *, block_sizes=None, interpret, chip=None)
         -> (loss_sum, lse)
-    cross_entropy_bwd(hidden, weight, targets, token_weight, lse, g, *, block_sizes=None, interpret)
-        -> (d_hidden, d_weight)
+    cross_entropy_bwd(hidden, weight, targets, token_weight, lse, g, *, block_sizes=None, interpret,
+                      chip=None) -> (d_hidden, d_weight)
+    tiles_for(chip, h, hidden_dtype, weight_dtype), vmem_estimate(...)   the TPU tile choice
     cross_entropy(hidden, weight, targets, token_weight, block_sizes=None, interpret=True)
         custom_vjp convenience for plain JAX
     computed_blocks(...)   debug: how many grid steps of each kernel ran their matmuls

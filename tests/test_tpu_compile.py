@@ -103,7 +103,7 @@ FAST_ATTENTION = [("v4", ("qwen3-0.6b/1.7b", 8192, F32, True, None)), ("v5p", ("
     + [(gen, ("qwen3-tiny", 128, BF16, False, None)) for gen in GENERATIONS] \
     + [(gen, ("qwen3-4b/8b", 1024, BF16, False, {"block_q": 1024, "block_k": 1024})) for gen in ("v4", "v6e")]
 FAST_CE = [("v4", F32), ("v4", BF16), ("v5e", F32), ("v5p", BF16), ("v6e", BF16)]  # at hidden 4096
-FULL_ATTENTION = ([(h, n, dt, c, None) for h in HEADS for n in (128, 1024, 4096, 8192) for dt in (BF16, F32)
+FULL_ATTENTION = ([(h, n, dt, c, None) for h in HEADS for n in (128, 1024, 2048, 4096, 8192) for dt in (BF16, F32)
                    for c in (False, True)]
                   + [(h, n, dt, False, {"block_q": b, "block_k": b}) for h in HEADS for n in (1024, 8192)
                      for dt in (BF16, F32) for b in (512, 1024)])
@@ -321,3 +321,23 @@ def test_compile_only_rejects_an_unknown_topology(tmp_path):
     proc, _ = _compile_only(tmp_path, "compile_only=v9z:2x2", timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: compile_only: TPU topology 'v9z:2x2'")
+
+
+def test_both_libtpu_overflow_messages_are_parsed():
+    """libtpu 0.0.21's words (the first verbatim from a run here, the second abridged): the shape keeps its layout braces (a shape
+    holds ']' inside, so the report is cut at the closing quote, not the first bracket)."""
+    from train.aot import _hbm_overflow
+
+    one = ("RESOURCE_EXHAUSTED: Allocation (size=20480000000) would exceed memory (size=17179869184) :: "
+           "#allocation1950 [shape = 'f32[40000000,128]{1,0:T(8,128)}', space=hbm, size = 0xffffffffffffffff, "
+           "tag = 'output of convert.3145@{}'] :: <no-hlo-instruction>")
+    assert _hbm_overflow(one) == (20480000000, "one buffer alone exceeds the chip's HBM: shape = "
+                                  "'f32[40000000,128]{1,0:T(8,128)}', tag = 'output of convert.3145@{}'")
+    program = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+               "Used 18.19G of 15.75G hbm. Exceeded hbm capacity by 2.44G.\n\nTotal hbm usage >= 18.19G:\n"
+               "    reserved        258.00M \n\nLargest program allocations in hbm:\n\n"
+               "  1. Size: 2.62G\n     Shape: bf16[28,8192,6144]{2,1,0}\n")
+    needed, report = _hbm_overflow(program)
+    assert needed == int(18.19 * (1 << 30))
+    assert "Largest program allocations in hbm:" in report and "Shape: bf16[28,8192,6144]{2,1,0}" in report
+    assert _hbm_overflow("INTERNAL: Mosaic failed to compile TPU kernel") is None

@@ -81,10 +81,13 @@ class StepCompile:
 
     @property
     def step_seconds_lower_bound(self) -> float | None:
-        """Roofline: the step cannot take less than its FLOPs at peak or its HBM traffic at full bandwidth."""
+        """Roofline: the step cannot take less than its FLOPs at peak or its HBM traffic at full bandwidth.
+        FLOPs: the compiled count, or the model's where that is larger (XLA counts the body of every loop once,
+        and besides our scan it makes loops of its own, e.g. matmuls overlapped with FSDP all-gathers)."""
         if self.flops is None:
             return None
-        return max(self.flops / self.chip.peak_bf16_flops, (self.bytes_accessed or 0) / self.chip.hbm_bytes_per_s)
+        flops = max(self.flops, self.model_flops)
+        return max(flops / self.chip.peak_bf16_flops, (self.bytes_accessed or 0) / self.chip.hbm_bytes_per_s)
 
     @property
     def mfu_ceiling(self) -> float | None:
@@ -279,7 +282,8 @@ def _compile(module, topo, chips: int):
 
 # libtpu's two ways of saying a program does not fit HBM: in all, or one buffer alone.
 _OOM = re.compile(r"Ran out of memory in memory space hbm\. Used ([\d.]+)([KMGT]?) of")
-_OOM_ONE = re.compile(r"Allocation \(size=(\d+)\) would exceed memory \(size=\d+\) :: #\w+ \[(.*?)\]")
+_OOM_ONE = re.compile(r"Allocation \(size=(\d+)\) would exceed memory \(size=\d+\) :: #\w+ \[(shape = '[^']*')"
+                      r"(?:.*?(tag = '[^']*'))?")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -290,7 +294,8 @@ def _hbm_overflow(message: str) -> tuple[int, str] | None:
         return int(float(match.group(1)) * _UNITS[match.group(2)]), _oom_summary(message)
     match = _OOM_ONE.search(message)
     if match:
-        return int(match.group(1)), f"one buffer alone exceeds the chip's HBM: {match.group(2)}"
+        what = ", ".join(part for part in match.group(2, 3) if part)
+        return int(match.group(1)), f"one buffer alone exceeds the chip's HBM: {what}"
     return None
 
 
