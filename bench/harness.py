@@ -362,12 +362,12 @@ def resolve_builder(path: str):
     return getattr(importlib.import_module(module), fn)
 
 
-def pin_cpus() -> list[int] | None:
-    """On CPU, bind this process to BENCH_CPUS cores (default 1; "all" = no binding), the last ones
-    it may use. XLA sizes its thread pools from the affinity mask, so every case then runs with the
+def pin_cpus(want: int | str | None = None) -> list[int] | None:
+    """On CPU, bind this process to `want` cores (a case's spec "cpus"; else BENCH_CPUS, default 1;
+    "all" = no binding), the last ones it may use. XLA sizes its thread pools from the affinity mask, so every case then runs with the
     same parallelism whatever else is running: on a small shared machine a case that can use two
     idle cores and one that cannot would otherwise compare the machine's load, not the code."""
-    want = os.environ.get("BENCH_CPUS", "1").strip().lower()
+    want = str(want if want is not None else os.environ.get("BENCH_CPUS", "1")).strip().lower()
     if on_tpu() or want == "all" or not hasattr(os, "sched_setaffinity"):
         return None
     allowed = sorted(os.sched_getaffinity(0))
@@ -382,7 +382,7 @@ def pin_cpus() -> list[int] | None:
 def serve(spec: dict, conn) -> None:
     """Case process main: build, compile, then serve timed rounds over `conn`."""
     try:
-        cpus = pin_cpus()  # before the XLA client exists: it sizes its thread pools from this
+        cpus = pin_cpus(spec.get("cpus"))  # before the XLA client exists: it sizes its thread pools from this
         import logging
 
         logging.getLogger("absl").setLevel(logging.ERROR)

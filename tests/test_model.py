@@ -268,3 +268,41 @@ def test_stacked_layers_keep_hugging_face_names():
     decay, no_decay = _param_groups(stacked, 0.1)
     assert any(p is stacked.model.layers.input_layernorm.weight for p in no_decay["params"])
     assert all(p is not stacked.model.layers.self_attn.q_norm.weight for p in decay["params"])
+
+
+@pytest.mark.parametrize("rows", [24, 1040], ids=["few-rows", "many-rows"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_projection_on_xla_cpu_matches_f_linear(xla_device, rows, autocast):
+    """model.qwen3.Linear: on XLA:CPU with few rows the product is (W @ x^T)^T behind an optimization
+    barrier (XLA's simplifier would turn it back into the slow x @ W^T); output and both gradients
+    equal F.linear's on the CPU, in fp32 and under bf16 autocast (which a custom backward must honour)."""
+    import torch_xla
+
+    from model.qwen3 import CPU_TRANSPOSED_PRODUCT_MAX_ROWS, Linear
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, rows // 2, 48, generator=gen)
+    layer = Linear(48, 80, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(80, 48, generator=gen))
+    g = torch.randn(2, rows // 2, 80, generator=gen)
+
+    def run(device):
+        lin = Linear(48, 80, bias=False).to(device)
+        with torch.no_grad():
+            lin.weight.copy_(layer.weight)
+        xd = x.detach().to(device).requires_grad_()
+        ctx = torch.autocast(device.type if device.type != "xla" else "xla", dtype=torch.bfloat16) \
+            if autocast else torch.autocast("cpu", enabled=False)
+        with ctx:
+            out = lin(xd)
+        (out.float() * g.to(device)).sum().backward()
+        hlo = torch_xla._XLAC._get_xla_tensors_hlo([out]) if device.type == "xla" else ""
+        return out.float().cpu(), xd.grad.cpu(), lin.weight.grad.cpu(), hlo
+
+    want, got = run(torch.device("cpu")), run(xla_device)
+    tol = dict(atol=0.15, rtol=0.02) if autocast else dict(atol=1e-4, rtol=1e-5)
+    for name, a, b in zip(("output", "d_input", "d_weight"), got[:3], want[:3]):
+        torch.testing.assert_close(a, b, msg=name, **tol)
+    assert got[0].dtype == torch.float32 and (("bf16" in got[3]) == autocast)
+    assert ("opt-barrier" in got[3]) == (rows <= CPU_TRANSPOSED_PRODUCT_MAX_ROWS)
