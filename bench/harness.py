@@ -110,6 +110,12 @@ def child_environment() -> None:
     # Large buffers go straight to mmap and back to the OS when freed, so resident memory tracks
     # what is alive (glibc's default threshold adapts upwards and keeps freed buffers mapped).
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    # Every design on huge pages, as the trainer's entry points run (train/hostmem.py): a fork server's
+    # children inherit the allocator settings it was started with.
+    from train import hostmem
+
+    if hostmem.wanted():
+        os.environ.update(hostmem.environment())
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     pythonpath = os.environ.get("PYTHONPATH", "")
     if str(ROOT) not in pythonpath.split(os.pathsep):

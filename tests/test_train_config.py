@@ -1,5 +1,7 @@
 """Config composition, the seed's command-line keys, and one-line errors for invalid values."""
 
+import os
+
 import pytest
 
 from train.config import ConfigError, check_batch_and_mesh, load_config
@@ -292,3 +294,21 @@ def test_shift_logits_auto_follows_where_the_weights_come_from(tmp_path):
     assert resolve_shift_logits(load_config([f"init_from={ar}", "diffusion.shift_logits=false"])) is False
     with pytest.raises(ConfigError, match="diffusion.shift_logits: 'maybe'; allowed: auto, true, false"):
         load_config(["diffusion.shift_logits=maybe"])
+
+
+def test_entry_points_run_malloc_on_huge_pages():
+    """train/hostmem.py: a command re-executes itself once with glibc's hugetlb tunable (kept next to
+    tunables the user set), and not at all with PALLAS_DLM_HUGEPAGES=0."""
+    import subprocess
+    import sys
+
+    from train import hostmem
+
+    if not hostmem.wanted() and "GLIBC_TUNABLES" not in os.environ:
+        pytest.skip("no glibc with transparent huge pages here")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    run = lambda **extra: subprocess.run([sys.executable, "-m", "train.hostmem"], env={**env, **extra},  # noqa: E731
+                                         capture_output=True, text=True, check=True).stdout.strip()
+    assert run() == "glibc.malloc.hugetlb=1"
+    assert run(GLIBC_TUNABLES="glibc.malloc.arena_max=2") == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert run(PALLAS_DLM_HUGEPAGES="0") == ""

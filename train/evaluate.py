@@ -12,6 +12,11 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch is imported: may re-execute this command (train/hostmem.py)
+    from train.hostmem import use_hugepage_malloc
+
+    use_hugepage_malloc()
+
 import argparse
 import contextlib
 import json

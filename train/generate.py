@@ -23,6 +23,11 @@ every device, and no host noise of size [B, G, V] is ever transferred.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch is imported: may re-execute this command (train/hostmem.py)
+    from train.hostmem import use_hugepage_malloc
+
+    use_hugepage_malloc()
+
 import argparse
 import contextlib
 import json

@@ -6,6 +6,11 @@ and prints the held-out loss before and after training.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch is imported: may re-execute this command (train/hostmem.py)
+    from train.hostmem import use_hugepage_malloc
+
+    use_hugepage_malloc()
+
 import sys
 
 from train import runtime
