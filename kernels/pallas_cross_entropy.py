@@ -100,8 +100,13 @@ _FIELDS = ("block_tokens", "block_vocab", "block_vocab_bwd", "block_tokens_bwd")
 # seconds): tokens/vocab 1024/2048 ~31, 1024/4096 ~31-36, 1024/1024 ~35-38, 256/2048 ~43,
 # 128/2048 ~60 (small token blocks re-stream W per block and run small matmuls). 512 token rows:
 # a train step has a few hundred loss rows, and a 1024-row block computed twice the rows it needed
-# (the qwen3-tiny step's loss at ~450 loss rows: 3.6 s at 1024, 2.7-2.9 s at 384-512).
+# (the qwen3-tiny step's loss at ~450 loss rows: 3.6 s at 1024, 2.7-2.9 s at 384-512). Up to 2,048 rows
+# 256-row blocks: the whole qwen3-tiny step (Qwen3 vocabulary, one core) at 4 x 128 took 0.45 s with 256,
+# 0.69 s with 512 (one block of 512 rows for ~200 loss rows), 0.45 s with 128; at 16 x 128 1.07, 1.03-1.10
+# and 1.16 s.
 INTERPRET_BLOCK_SIZES = BlockSizes(block_tokens=512, block_vocab=2048, block_vocab_bwd=2048)
+INTERPRET_SMALL_BLOCK_SIZES = BlockSizes(block_tokens=256, block_vocab=2048, block_vocab_bwd=2048)
+INTERPRET_SMALL_ROWS = 2048
 # On TPU the tiles are chosen per chip and hidden size (`tiles_for`): the first pair of each ladder
 # whose VMEM estimate fits the chip. Larger token blocks re-read W fewer times (the forward streams
 # all of W once per live token block), larger vocab blocks re-read the d_hidden partial sums fewer
@@ -181,8 +186,9 @@ def tiles_for(chip, h: int, hidden_dtype, weight_dtype) -> BlockSizes:
 
 
 def resolve_block_sizes(block_sizes, interpret, *, chip=None, h=None, hidden_dtype=None,
-                        weight_dtype=None) -> BlockSizes:
-    """The tiles a call runs with. Interpret mode: INTERPRET_BLOCK_SIZES unless given. TPU: the
+                        weight_dtype=None, rows=None) -> BlockSizes:
+    """The tiles a call runs with. Interpret mode: INTERPRET_BLOCK_SIZES (INTERPRET_SMALL_BLOCK_SIZES for
+    `rows` up to INTERPRET_SMALL_ROWS) unless given. TPU: the
     chip's choice (`tiles_for`) with any fields the caller set (a BlockSizes or a mapping such as
     model.loss_kernel_config) put over it, refused in one line when they cannot fit the chip."""
     if block_sizes is not None and not isinstance(block_sizes, (BlockSizes, Mapping)):
@@ -193,7 +199,8 @@ def resolve_block_sizes(block_sizes, interpret, *, chip=None, h=None, hidden_dty
             raise ValueError(f"cross-entropy block sizes: unknown keys {unknown}; known: {list(_FIELDS)}")
     if interpret:
         if block_sizes is None:
-            return INTERPRET_BLOCK_SIZES
+            small = rows is not None and rows <= INTERPRET_SMALL_ROWS
+            return INTERPRET_SMALL_BLOCK_SIZES if small else INTERPRET_BLOCK_SIZES
         return block_sizes if isinstance(block_sizes, BlockSizes) else BlockSizes(**block_sizes)
     if h is None:  # no shapes (a caller that only wants the tiles' defaults)
         base = DEFAULT_BLOCK_SIZES
@@ -793,7 +800,7 @@ def _prepare(hidden, weight, targets, token_weight, block_sizes, interpret, chip
     _check_inputs(hidden, weight, targets, token_weight)
     chip = None if interpret else ktpu.resolve_chip(chip)
     bs = resolve_block_sizes(block_sizes, interpret, chip=chip, h=hidden.shape[1],
-                             hidden_dtype=hidden.dtype, weight_dtype=weight.dtype)
+                             hidden_dtype=hidden.dtype, weight_dtype=weight.dtype, rows=hidden.shape[0])
     bt = bs.block_tokens if which == "fwd" else bs.tokens_bwd
     return bs, _geometry(hidden, weight, bt), chip
 

@@ -314,3 +314,14 @@ def test_mosaic_on_tpu(n_loss, dtype):
     bwd = jax.jit(pce.cross_entropy_bwd, static_argnames=("block_sizes", "interpret"))
     _check_against_reference(*_inputs(2048, 256, 151936, n_loss, dtype, seed=11, scale=0.05),
                              block_sizes=None, interpret=False, fwd=fwd, bwd=bwd)
+
+
+def test_interpreter_tiles_follow_the_row_count():
+    """In Pallas' interpreter (CPU) a call of at most INTERPRET_SMALL_ROWS rows gets 256-row token blocks
+    (a train step's few hundred loss rows then fill one block, not half of a 512-row one); larger calls
+    512; tiles given by the caller are kept whatever the size."""
+    small = pce.resolve_block_sizes(None, True, rows=pce.INTERPRET_SMALL_ROWS)
+    large = pce.resolve_block_sizes(None, True, rows=pce.INTERPRET_SMALL_ROWS + 1)
+    assert (small.block_tokens, large.block_tokens) == (256, 512)
+    assert small.block_vocab == large.block_vocab == 2048
+    assert pce.resolve_block_sizes({"block_tokens": 128}, True, rows=64).block_tokens == 128
