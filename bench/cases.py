@@ -228,7 +228,7 @@ def train_step(spec: dict, device) -> Case:
     noise law, loss, clipping, AdamW and schedule. Every variant processes the same examples, so
     the ratio of step times is the ratio of non-padding tokens/s.
     """
-    from model.diffusion import diffusion_loss, draw_noise, maskable_positions
+    from model.diffusion import diffusion_loss, draw_noise
     from train import trainer as tr
     from train.config import load_config
 
@@ -284,17 +284,24 @@ def train_step(spec: dict, device) -> Case:
             "tokens_per_step": float(np.mean(tokens)), "padding_share": 1.0 - sum(tokens) / sum(slots),
             "parameters": sum(p.numel() for p in model.parameters()),
             "precision": str(cfg.precision)}
-    # Loss positions vary with the noise; the FLOP yardstick uses the step's expected count
-    # (maskable positions x E[t] = 1/2), the same for every variant.
+    info.update(step_workload(model.config, packed, diff_cfg))
+    return Case(step, info)
+
+
+def step_workload(config, packed: list[dict[str, np.ndarray]], diff_cfg) -> dict:
+    """maskable_per_step and model_matmul_flops of a step over these packed batches, the same for every
+    design fed them. Loss positions vary with the noise; the FLOP yardstick uses the step's expected
+    count (maskable positions x E[t], t ~ U(eps, 1))."""
+    from model.diffusion import maskable_positions
+
     maskable = []
     for b in packed:
         bt = {k: torch.from_numpy(np.ascontiguousarray(x)) for k, x in b.items()}
         maskable.append(int(maskable_positions(bt, diff_cfg.shift_logits).sum()))
-    info["maskable_per_step"] = float(np.mean(maskable))
-    expected_t = 0.5 * (1.0 + diff_cfg.sampling_eps)  # t ~ U(eps, 1)
-    info["model_matmul_flops"] = float(np.mean([
-        model_matmul_flops(model.config, b, expected_t * m) for b, m in zip(packed, maskable)]))
-    return Case(step, info)
+    expected_t = 0.5 * (1.0 + diff_cfg.sampling_eps)
+    return {"maskable_per_step": float(np.mean(maskable)),
+            "model_matmul_flops": float(np.mean([model_matmul_flops(config, b, expected_t * m)
+                                                 for b, m in zip(packed, maskable)]))}
 
 
 

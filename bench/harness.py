@@ -234,7 +234,7 @@ def measure(benchmark, name: str, spec: dict, *, rounds: int, group: str | None 
     })
     res["working_set_bytes"] = max(res["peak_rss_bytes"] - res["baseline_rss_bytes"], 0)
     if res.get("matmul_flops"):
-        res["gflop_per_s"] = res["matmul_flops"] / res[time_key()] / 1e9
+        res["gflop_per_s"] = res["matmul_flops"] / res[time_key(res)] / 1e9
     CASES[name] = res
     benchmark.extra_info.update({k: res[k] for k in (
         "median_s", "median_cpu_s", "first_run_s", "peak_rss_bytes", "working_set_bytes")})
@@ -252,32 +252,31 @@ def _write_cases() -> None:
                                                  default=str) + "\n")
 
 
-def time_key() -> str:
-    """Which per-case time the figures compare: on CPU, with every case process bound to one core
-    (BENCH_CPUS=1, the default), its CPU time: the time the case took on its core, minus the slices
+def time_key(res: dict) -> str:
+    """Which of a case's times the figures compare: when its process was bound to one core (pin_cpus;
+    BENCH_CPUS=1, the default), its CPU time: the time the case took on its core, minus the slices
     other jobs on this shared machine took from it (those inflate wall-clock times by 1-2x here,
-    differently from case to case). On an accelerator, or with BENCH_CPUS set otherwise, wall time."""
-    if on_tpu() or os.environ.get("BENCH_CPUS", "1").strip() != "1":
-        return "median_s"
-    return "median_cpu_s"
+    differently from case to case). On an accelerator, or bound to more cores or none, wall time."""
+    cpus = res.get("cpus")
+    return "median_cpu_s" if cpus is not None and len(cpus) == 1 else "median_s"
 
 
 def ratio(num: str, den: str, key: str = "time") -> float | None:
     """CASES[num][key] / CASES[den][key], or None when either case has not run in this session.
-    key "time" is time_key(); "wall" is median_s. Working sets below 1 MiB count as 1 MiB (a
+    key "time" is each case's time_key(); "wall" is median_s. Working sets below 1 MiB count as 1 MiB (a
     ratio over almost nothing is noise)."""
-    key = {"time": time_key(), "wall": "median_s"}.get(key, key)
     if num in CASES and den in CASES:
+        pick = lambda res: time_key(res) if key == "time" else {"wall": "median_s"}.get(key, key)  # noqa: E731
         lo = float(1 << 20) if key == "working_set_bytes" else 0.0
-        den_value = max(float(CASES[den][key]), lo)
+        den_value = max(float(CASES[den][pick(CASES[den])]), lo)
         if den_value > 0:
-            return max(float(CASES[num][key]), lo) / den_value
+            return max(float(CASES[num][pick(CASES[num])]), lo) / den_value
     return None
 
 
 def case_time(name: str) -> float:
     """The case's median time as the figures use it (time_key())."""
-    return CASES[name][time_key()]
+    return CASES[name][time_key(CASES[name])]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,9 +369,10 @@ def resolve_builder(path: str):
 
 def pin_cpus(want: int | str | None = None) -> list[int] | None:
     """On CPU, bind this process to `want` cores (a case's spec "cpus"; else BENCH_CPUS, default 1;
-    "all" = no binding), the last ones it may use. XLA sizes its thread pools from the affinity mask, so every case then runs with the
-    same parallelism whatever else is running: on a small shared machine a case that can use two
-    idle cores and one that cannot would otherwise compare the machine's load, not the code."""
+    "all" = no binding), the last ones it may use. XLA sizes its thread pools from the affinity
+    mask, so every case then runs with the same parallelism whatever else is running: on a small
+    shared machine a case that can use two idle cores and one that cannot would otherwise compare the
+    machine's load, not the code."""
     want = str(want if want is not None else os.environ.get("BENCH_CPUS", "1")).strip().lower()
     if on_tpu() or want == "all" or not hasattr(os, "sched_setaffinity"):
         return None

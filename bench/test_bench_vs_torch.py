@@ -39,12 +39,6 @@ def _name(design, preset, precision, cpus):
     return f"vs-torch-{design}-{preset}-{precision}-{cpus}c"
 
 
-def _time(name):
-    """Median time of a case: CPU time on one core, wall time on more (see the module docstring)."""
-    res = harness.CASES[name]
-    return res["median_cpu_s"] if len(res.get("cpus") or [0, 0]) == 1 else res["median_s"]
-
-
 def _peak(name):
     res = harness.CASES[name]
     return max(res["peak_rss_bytes"], res.get("peak_rss_with_compile_bytes", 0))
@@ -78,7 +72,7 @@ def test_matmul_ceiling(benchmark, record_figure, impl, dtype, cpus):
                 warmup=1)
     name = f"vs-torch-matmul-{impl}-{dtype}-{cpus}c"
     res = harness.measure(benchmark, name, spec, rounds=ROUNDS, group="vs_torch matmul ceiling")
-    record_figure(f"matmul_gflop_per_s_{impl}_{dtype}_{cpus}c", res["flops"] / _time(name) / 1e9,
+    record_figure(f"matmul_gflop_per_s_{impl}_{dtype}_{cpus}c", res["flops"] / harness.case_time(name) / 1e9,
                   "GFLOP/s", f"{n}^3 matmuls, {impl}, {dtype}, {cpus} core(s)")
 
 
@@ -99,7 +93,7 @@ def _figures(preset, precision, cpus):
     n = lambda design: _name(design, preset, precision, cpus)  # noqa: E731
     have = lambda *designs: all(n(d) in harness.CASES for d in designs)  # noqa: E731
     if have("ours", "torch-select"):
-        figs.add(f"torch_baseline_speedup_select_{preset}{tag}", _time(n("torch-select")) / _time(n("ours")),
+        figs.add(f"torch_baseline_speedup_select_{preset}{tag}", harness.ratio(n("torch-select"), n("ours")),
                  "x", "step time, plain PyTorch with the LM head at loss positions / ours (same examples)")
         figs.add(f"first_step_ratio_{preset}{tag}",
                  harness.CASES[n("ours")]["first_run_s"] / harness.CASES[n("torch-select")]["first_run_s"], "x",
@@ -107,15 +101,16 @@ def _figures(preset, precision, cpus):
         figs.add(f"peak_mem_ratio_{preset}{tag}", _peak(n("ours")) / _peak(n("torch-select")), "x",
                  "process peak RSS (compile included), ours / torch-select")
     if have("ours", "torch-full"):
-        figs.add(f"torch_baseline_speedup_full_{preset}{tag}", _time(n("torch-full")) / _time(n("ours")), "x",
+        figs.add(f"torch_baseline_speedup_full_{preset}{tag}", harness.ratio(n("torch-full"), n("ours")), "x",
                  "step time, plain PyTorch with logits of every position / ours (same examples)")
     ceiling = f"vs-torch-matmul-eager-{precision}-{cpus}c", f"vs-torch-matmul-xla-{precision}-{cpus}c"
-    best = max((harness.CASES[c]["flops"] / _time(c) for c in ceiling if c in harness.CASES), default=None)
+    best = max((harness.CASES[c]["flops"] / harness.case_time(c) for c in ceiling if c in harness.CASES),
+               default=None)
     for design in ("ours", "torch-select", "torch-full"):
         if not have(design):
             continue
         res = harness.CASES[n(design)]
-        achieved = res["model_matmul_flops"] / _time(n(design))
+        achieved = res["model_matmul_flops"] / harness.case_time(n(design))
         label = design.replace("-", "_")
         figs.add(f"model_gflop_per_s_{label}_{preset}{tag}", achieved / 1e9, "GFLOP/s",
                  "useful matmul FLOPs of the step / step time")

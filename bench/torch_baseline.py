@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.cases import Case, count_examples, model_matmul_flops, train_overrides
+from bench.cases import Case, count_examples, step_workload, train_overrides
 from bench.harness import wait_device
 
 
@@ -69,7 +69,7 @@ def torch_step(spec: dict, device) -> Case:
     """One plain-PyTorch SFT step (`loss` = full | select, `precision` = fp32 | bf16). `device` (the
     XLA device the harness made) is not used: everything runs eagerly on the CPU."""
     from data.pipeline import build_batch_stream
-    from model.diffusion import draw_noise, maskable_positions, noise_batch
+    from model.diffusion import draw_noise, loss_normaliser, loss_targets, maskable_positions, noise_batch
     from train import trainer as tr
     from train.config import load_config
 
@@ -104,12 +104,8 @@ def torch_step(spec: dict, device) -> Case:
                           sampling_eps=diff_cfg.sampling_eps, antithetic=diff_cfg.antithetic)
         maskable = maskable_positions(batch, diff_cfg.shift_logits)
         noisy, loss_mask = noise_batch(ids, maskable, t, u, diff_cfg.mask_token_id)
-        weight = torch.where(loss_mask, (1.0 / t)[:, None].expand(rows, length), torch.zeros(()))
-        targets = ids
-        if diff_cfg.shift_logits:
-            targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
-            weight = torch.cat([weight[:, 1:], torch.zeros_like(weight[:, :1])], dim=1)
-        normaliser = _normaliser(diff_cfg.loss_norm, maskable, loss_mask, rows * length)
+        targets, weight = loss_targets(ids, loss_mask, t, diff_cfg.shift_logits)
+        normaliser = loss_normaliser(diff_cfg.loss_norm, maskable, loss_mask)
         with autocast():
             hidden = model.model(input_ids=noisy, attention_mask=masks[i],
                                  position_ids=batch["position_ids"].long()).last_hidden_state
@@ -132,33 +128,14 @@ def torch_step(spec: dict, device) -> Case:
     return Case(step, info)
 
 
-def _normaliser(kind: str, maskable, loss_mask, slots: int) -> torch.Tensor:
-    if kind == "maskable":
-        return maskable.sum().clamp(min=1).float()
-    if kind == "masked":
-        return loss_mask.sum().clamp(min=1).float()
-    return torch.tensor(float(slots))
-
-
 def _train_info(spec, variant, config, packed, diff_cfg, tokenizer) -> dict:
     """What the step processes, identical for every design fed the same packed batches."""
     tokens = [int((b["segment_ids"] > 0).sum()) for b in packed]
-    maskable = [int(maskable_positions_np(b, diff_cfg.shift_logits)) for b in packed]
-    expected_t = 0.5 * (1.0 + diff_cfg.sampling_eps)  # t ~ U(eps, 1)
     return {"suite": "vs_torch", "variant": variant, "preset": spec.get("preset", "qwen3-tiny"),
             "tokenizer": tokenizer.name, "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
             "batch_shapes": [list(b["input_ids"].shape) for b in packed],
             "examples_per_step": [count_examples(b) for b in packed],
-            "tokens_per_step": float(np.mean(tokens)),
-            "model_matmul_flops": float(np.mean([model_matmul_flops(config, b, expected_t * m)
-                                                 for b, m in zip(packed, maskable)]))}
-
-
-def maskable_positions_np(batch: dict[str, np.ndarray], shift_logits: bool) -> int:
-    from model.diffusion import maskable_positions
-
-    bt = {k: torch.from_numpy(np.ascontiguousarray(x)) for k, x in batch.items()}
-    return int(maskable_positions(bt, shift_logits).sum())
+            "tokens_per_step": float(np.mean(tokens)), **step_workload(config, packed, diff_cfg)}
 
 
 def matmul_ceiling(spec: dict, device) -> Case:

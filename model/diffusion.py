@@ -101,6 +101,32 @@ def maskable_positions(batch: dict, shift_logits: bool) -> torch.Tensor:
     return maskable
 
 
+def loss_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor, t: torch.Tensor, shift_logits: bool):
+    """(targets, token_weight) [B, L]: the token each position's hidden state predicts and its loss
+    weight, 1/t of its row at loss positions, 0 elsewhere."""
+    b, l = input_ids.shape
+    token_weight = torch.where(loss_mask, (1.0 / t)[:, None].expand(b, l),
+                               torch.zeros((), dtype=torch.float32, device=input_ids.device))
+    if not shift_logits:
+        return input_ids, token_weight
+    # Row i predicts token i+1: shift targets and weights left instead of slicing hidden, so the
+    # kernel sees N = B*L rows (block-friendly) and no copy of hidden is made. The last column gets a
+    # dummy target with weight 0 (position 0 is never a loss position).
+    targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
+    token_weight = torch.cat([token_weight[:, 1:], torch.zeros_like(token_weight[:, :1])], dim=1)
+    return targets, token_weight
+
+
+def loss_normaliser(loss_norm: str, maskable: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """What the weighted CE sum is divided by (fp32 scalar): maskable positions, loss positions, or
+    every slot of the [B, L] batch."""
+    if loss_norm == "maskable":
+        return maskable.sum().clamp(min=1).float()
+    if loss_norm == "masked":
+        return loss_mask.sum().clamp(min=1).float()
+    return torch.full((), float(loss_mask.numel()), dtype=torch.float32, device=loss_mask.device)
+
+
 def diffusion_loss(model, batch: dict, t: torch.Tensor, u: torch.Tensor, cfg: DiffusionConfig):
     """(loss, stats) for one batch of device tensors (the data contract: input_ids, src_mask,
     segment_ids, position_ids, all [B, L]). t [B], u [B, L] come from draw_noise.
@@ -111,7 +137,6 @@ def diffusion_loss(model, batch: dict, t: torch.Tensor, u: torch.Tensor, cfg: Di
     """
     input_ids = batch["input_ids"]
     device = input_ids.device
-    b, l = input_ids.shape
     t = t.to(device=device, dtype=torch.float32)
     u = u.to(device=device, dtype=torch.float32)
     segment_ids = batch["segment_ids"]
@@ -120,35 +145,18 @@ def diffusion_loss(model, batch: dict, t: torch.Tensor, u: torch.Tensor, cfg: Di
     maskable = maskable_positions(batch, cfg.shift_logits)
     noisy, loss_mask = noise_batch(input_ids, maskable, t, u, cfg.mask_token_id)
     hidden = model(noisy, segment_ids, position_ids)
-
-    token_weight = torch.where(loss_mask, (1.0 / t)[:, None].expand(b, l),
-                               torch.zeros((), dtype=torch.float32, device=device))
-    targets = input_ids
-    if cfg.shift_logits:
-        # Row i predicts token i+1: shift targets and weights left instead of slicing hidden, so
-        # the kernel sees N = B*L rows (block-friendly) and no copy of hidden is made. The last
-        # column gets a dummy target with weight 0 (position 0 is never a loss position).
-        targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
-        token_weight = torch.cat([token_weight[:, 1:], torch.zeros_like(token_weight[:, :1])],
-                                 dim=1)
+    targets, token_weight = loss_targets(input_ids, loss_mask, t, cfg.shift_logits)
     h = hidden.shape[-1]
     loss_sum = kernels.masked_cross_entropy(
         hidden.reshape(-1, h), model.lm_head_weight, targets.reshape(-1).to(torch.int32),
         token_weight.reshape(-1), backend=model.loss_kernel,
         block_sizes=getattr(model, "loss_kernel_config", None))
 
-    num_loss = loss_mask.sum()
-    num_maskable = maskable.sum()
-    if cfg.loss_norm == "maskable":
-        normaliser = num_maskable.clamp(min=1).float()
-    elif cfg.loss_norm == "masked":
-        normaliser = num_loss.clamp(min=1).float()
-    else:
-        normaliser = torch.full((), float(b * l), dtype=torch.float32, device=device)
+    normaliser = loss_normaliser(cfg.loss_norm, maskable, loss_mask)
     stats = {
         "loss_sum": loss_sum.detach(),
-        "num_loss_positions": num_loss,
-        "num_maskable": num_maskable,
+        "num_loss_positions": loss_mask.sum(),
+        "num_maskable": maskable.sum(),
         "num_tokens": (segment_ids > 0).sum(),
         "normaliser": normaliser,
     }

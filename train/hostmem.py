@@ -33,9 +33,9 @@ def wanted() -> bool:
         return False
 
 
-def environment(env: dict[str, str] | None = None) -> dict[str, str]:
-    """`env` (default: this process's) with the tunable added to GLIBC_TUNABLES."""
-    env = dict(os.environ if env is None else env)
+def environment() -> dict[str, str]:
+    """This process's environment with the tunable added to GLIBC_TUNABLES."""
+    env = dict(os.environ)
     env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES"), TUNABLE) if t)
     return env
 
