@@ -228,7 +228,7 @@ def train_step(spec: dict, device) -> Case:
     noise law, loss, clipping, AdamW and schedule. Every variant processes the same examples, so
     the ratio of step times is the ratio of non-padding tokens/s.
     """
-    from model.diffusion import diffusion_loss, draw_noise
+    from model.diffusion import draw_noise
     from train import trainer as tr
     from train.config import load_config
 
@@ -242,22 +242,14 @@ def train_step(spec: dict, device) -> Case:
         cycle = itertools.cycle(range(len(batches)))
         counter = itertools.count()
 
-        def one_step():
+        def one_step():  # the trainer's own optimizer step, on the padded batch
             batch = batches[next(cycle)]
-            model.train()
             rows, length = batch["input_ids"].shape
             t, u = draw_noise(rows, length, tr.noise_generator(cfg.seed, next(counter)),
                               sampling_eps=diff_cfg.sampling_eps, antithetic=diff_cfg.antithetic)
-            with tr.autocast_context(cfg):
-                loss, stats = diffusion_loss(model, tr.batch_to_device(batch, device),
-                                             t.to(device), u.to(device), diff_cfg)
-            loss.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.max_grad_norm))
-            trainer.optimizer.step()
+            stats = tr.optimizer_step(model, trainer.optimizer, [batch], t, u, diff_cfg, cfg, device)
             trainer.scheduler.step()
-            trainer.optimizer.zero_grad(set_to_none=True)
-            return {"loss": loss.detach(), "loss_positions": stats["num_loss_positions"]}
+            return stats
     else:
         batches = packed
         trainer.stream = itertools.cycle(batches)
