@@ -155,17 +155,21 @@ class Qwen3Attention(nn.Module):
         self.q_norm = Qwen3RMSNorm(d, config.rms_norm_eps)
         self.k_norm = Qwen3RMSNorm(d, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, segment_ids):
+    def forward(self, x, cos, sin, segment_ids, kv=None):
+        """kv: None, or one layer's slot of a model.kv_cache recorder or window (cached decoding)."""
         b, l, _ = x.shape
         # norm per head over head_dim, on [B, L, H, D], then heads first for the kernel
         q = self.q_norm(self.q_proj(x).view(b, l, self.num_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = kernels.masked_attention(q, k, v, segment_ids, causal=self.causal,
-                                     sm_scale=self.head_dim ** -0.5, backend=self.backend,
-                                     block_sizes=self.block_sizes)
+        o = self.attend(q, k, v, segment_ids) if kv is None else kv.attend(self, q, k, v, segment_ids)
         return self.o_proj(o.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim))
+
+    def attend(self, q, k, v, segment_ids):
+        return kernels.masked_attention(q, k, v, segment_ids, causal=self.causal,
+                                        sm_scale=self.head_dim ** -0.5, backend=self.backend,
+                                        block_sizes=self.block_sizes)
 
 
 class Qwen3MLP(nn.Module):
@@ -188,8 +192,8 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = Qwen3RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, segment_ids):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
+    def forward(self, x, cos, sin, segment_ids, kv=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -375,7 +379,9 @@ class Qwen3ForDiffusionLM(nn.Module):
     # ---- compute -------------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, *, kv=None) -> torch.Tensor:
+        """kv (decoding only): a model.kv_cache.KVRecorder (record every layer's keys and values) or
+        KVWindow (the inputs are a window of the sequence, attending over the recorded keys)."""
         b, l = input_ids.shape
         if segment_ids is None:
             segment_ids = torch.ones((b, l), dtype=torch.int32, device=input_ids.device)
@@ -383,6 +389,8 @@ class Qwen3ForDiffusionLM(nn.Module):
             position_ids = torch.arange(l, device=input_ids.device).expand(b, l)
         x = F.embedding(input_ids, constrain(self.model.embed_tokens.weight, "embedding_table"))
         segment_ids = segment_ids.to(torch.int32)
+        if kv is not None:
+            return self.model.norm(self._layers_with_cache(x, position_ids, segment_ids, kv))
         if self.scan_layers:
             return self.model.norm(self._stacked_layers(x, position_ids, segment_ids))
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
@@ -394,6 +402,20 @@ class Qwen3ForDiffusionLM(nn.Module):
             else:
                 x = layer(x, cos, sin, segment_ids)
         return self.model.norm(x)
+
+    def _layers_with_cache(self, x, position_ids, segment_ids, kv):
+        """The decoder layers one by one (stacked weights too: decoding runs no backward, and the
+        cache needs each layer's keys), each given its slot of `kv`."""
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        if not self.scan_layers:
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, cos, sin, segment_ids, kv.layer(i))
+            return x
+        stack = self.model.layers
+        for i in range(stack.num_layers):
+            x = torch.func.functional_call(stack.template, stack.layer_weights(i),
+                                           (x, cos, sin, segment_ids, kv.layer(i)), strict=True)
+        return x
 
     def _stacked_layers(self, x, position_ids, segment_ids):
         """The stacked decoder layers: on XLA one torch_xla scan over the stacked weights, each step

@@ -186,9 +186,19 @@ def test_each_rule_decodes_the_known_answer(rule, shift):
     prompts = [ids("Reverse: hello"), ids("Reverse it: hello!!")]
     out = generate_ids(model, prompts, cfg, mask_id=MASK, pad_id=PAD, shift_logits=shift)
     assert out.tolist() == [answer + [IM_END] * 2] * 2
-    texts = generate(model, TOK, prompts, cfg, diffusion=DiffusionConfig(mask_token_id=MASK, shift_logits=shift))
-    assert texts == ["olleh", "olleh"]
-    assert model.calls == 2 * 6  # one forward per step
+    assert model.calls == 6  # one forward per step: no stop tokens given, no early stop
+    diff = DiffusionConfig(mask_token_id=MASK, shift_logits=shift)
+    stats = {}
+    texts = generate(model, TOK, prompts, cfg, diffusion=diff, stats=stats)
+    assert texts == ["olleh", "olleh"] and stats["answer_tokens"] == 10
+    # Stopping at the end of the answer: the second block's first step reveals "h" and <|im_end|> (equal
+    # margins: the leftmost first), and the answer cannot change after that. Random order may not stop early.
+    if rule != "random":
+        assert stats["full_steps"] == 4
+    full = {}
+    assert generate(model, TOK, prompts, dataclasses.replace(cfg, stop_at_eos=False), diffusion=diff,
+                    stats=full) == texts
+    assert full["full_steps"] == 6 and stats["full_steps"] <= 6
 
 
 @pytest.mark.parametrize("rule", ["maskgit_plus", "topk_margin", "entropy"])
@@ -263,7 +273,7 @@ def test_seeded_sampling_is_reproducible_and_depends_on_the_seed():
 def test_many_prompts_in_several_batches_keep_their_order():
     words = ["alpha", "be", "gamma ray", "d", "epsilon", "zeta!", "et"]
     model = CopyPromptLM(6, copy=3)
-    cfg = GenerationConfig(max_new_tokens=6, steps=3, batch_size=3)
+    cfg = GenerationConfig(max_new_tokens=6, steps=3, batch_size=3, stop_at_eos=False)
     answers = generate(model, TOK, [ids(w) for w in words], cfg, diffusion=DIFF)
     assert answers == [w[:3] for w in words]
     assert model.calls == 3 * 3  # 7 prompts at batch_size 3: three batches (3, 2 and 2 prompts of 3 rows)
@@ -310,3 +320,227 @@ def test_device_noise_is_identical_on_cpu_and_xla(xla_device):
     xla = generate_ids(FixedAnswerLM(ids("uvwxyz"), 6, margins=[0.3] * 6).to(xla_device), prompts, cfg,
                        mask_id=MASK, pad_id=PAD, device=xla_device)
     assert cpu.tolist() == xla.tolist()
+
+
+# ---- faster decoding: parallel unmasking, cached blocks, early stop --------------------------------
+
+def tiny_qwen3(*, causal=False, scan_layers=False, seed=1, kernel="naive"):
+    from model.config import Qwen3Config
+    from model.qwen3 import Qwen3ForDiffusionLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0)
+    model = Qwen3ForDiffusionLM(cfg, attention_kernel=kernel, loss_kernel=kernel, causal=causal,
+                                scan_layers=scan_layers)
+    with torch.no_grad():  # unit-gain weights: attention moves the hidden states, and logits are sharp
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 1.0 if "embed" in name else p.shape[-1] ** -0.5)
+    return model.eval()
+
+
+def packed_rows():
+    """Two left-padded rows of one prompt each plus a generation region, as the sampler lays them out."""
+    seqs, seg, pos, p_len = layout([ids("Sort: cab"), ids("Reverse: a longer word")], 12,
+                                   mask_id=MASK, pad_id=PAD)
+    rng = np.random.default_rng(0)
+    seqs[:, p_len:] = rng.integers(0, 200, size=seqs[:, p_len:].shape)  # some region tokens revealed
+    seqs[:, p_len + 5:] = MASK
+    return (torch.as_tensor(seqs), torch.as_tensor(seg), torch.as_tensor(pos)), p_len
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["layers", "stacked"])
+@pytest.mark.parametrize("window", ["block", "block_and_rest", "one_before_block"])
+def test_window_over_recorded_keys_equals_the_full_forward(window, scan_layers):
+    # Nothing changed since the keys were recorded: a window's hidden states must be the full
+    # forward's at those positions. A window misplaced by one position or keys from the wrong layer fail.
+    from model.kv_cache import KVRecorder, KVWindow
+
+    model = tiny_qwen3(scan_layers=scan_layers)
+    (x, seg, pos), p_len = packed_rows()
+    with torch.no_grad():
+        rec = KVRecorder(2)
+        full = model(x, seg, pos, kv=rec)
+        assert torch.equal(full, model(x, seg, pos))  # recording changes nothing
+        lo, hi = {"block": (p_len + 4, p_len + 8), "block_and_rest": (p_len + 4, x.shape[1]),
+                  "one_before_block": (p_len + 3, p_len + 8)}[window]
+        index = torch.arange(lo, hi)
+        part = model(x[:, lo:hi], seg[:, lo:hi], pos[:, lo:hi], kv=KVWindow(rec.keys, rec.values, seg, index))
+    torch.testing.assert_close(part, full[:, lo:hi], atol=2e-5, rtol=1e-5)
+
+
+def test_prefix_cache_is_exact_for_a_causal_model_after_the_window_changes():
+    # A causal model's keys before the window do not depend on the window: after the window's tokens
+    # change, the window run over the stale record is exactly a fresh full forward there.
+    from model.kv_cache import KVRecorder, KVWindow
+
+    model = tiny_qwen3(causal=True)
+    (x, seg, pos), p_len = packed_rows()
+    lo = p_len + 3
+    with torch.no_grad():
+        rec = KVRecorder(2)
+        model(x, seg, pos, kv=rec)
+        x2 = x.clone()
+        x2[:, lo:] = torch.as_tensor(np.random.default_rng(1).integers(0, 200, size=x2[:, lo:].shape))
+        part = model(x2[:, lo:], seg[:, lo:], pos[:, lo:],
+                     kv=KVWindow(rec.keys, rec.values, seg, torch.arange(lo, x.shape[1])))
+        torch.testing.assert_close(part, model(x2, seg, pos)[:, lo:], atol=2e-5, rtol=1e-5)
+        # the bidirectional model's stale keys are NOT exact: the test above could tell
+        bi = tiny_qwen3()
+        rec = KVRecorder(2)
+        bi(x, seg, pos, kv=rec)
+        part = bi(x2[:, lo:], seg[:, lo:], pos[:, lo:],
+                  kv=KVWindow(rec.keys, rec.values, seg, torch.arange(lo, x.shape[1])))
+        assert not torch.allclose(part, bi(x2, seg, pos)[:, lo:], atol=1e-3)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("shift", [True, False], ids=["shift", "no_shift"])
+def test_cache_decodes_as_recomputation_when_nothing_changed_since_the_record(cache, shift):
+    model = tiny_qwen3()
+    prompts = [ids("Sort: cab"), ids("Reverse: a longer word"), ids("x")]
+    # one step per block: every step follows a fresh record, so the cache cannot change a token
+    one = GenerationConfig(max_new_tokens=12, block_length=4, steps=3)
+    base = generate_ids(model, prompts, one, mask_id=MASK, pad_id=PAD, shift_logits=shift)
+    stats = {}
+    out = generate_ids(model, prompts, dataclasses.replace(one, cache=cache), mask_id=MASK, pad_id=PAD,
+                       shift_logits=shift, stats=stats)
+    assert out.tolist() == base.tolist() and stats == {"full_steps": 3, "window_steps": 0}
+
+
+@pytest.mark.parametrize("shift", [True, False], ids=["shift", "no_shift"])
+def test_prefix_cache_decodes_a_causal_model_exactly(shift):
+    # one token per step, three of every four steps on the window: exact for a causal model
+    model = tiny_qwen3(causal=True)
+    prompts = [ids("Sort: cab"), ids("Reverse: a longer word"), ids("x")]
+    cfg = GenerationConfig(max_new_tokens=12, block_length=4)
+    base = generate_ids(model, prompts, cfg, mask_id=MASK, pad_id=PAD, shift_logits=shift)
+    stats = {}
+    out = generate_ids(model, prompts, dataclasses.replace(cfg, cache="prefix"), mask_id=MASK, pad_id=PAD,
+                       shift_logits=shift, stats=stats)
+    assert stats == {"full_steps": 3, "window_steps": 9}
+    assert out.tolist() == base.tolist()
+
+
+def test_threshold_one_decodes_as_the_fixed_schedule():
+    model = tiny_qwen3()
+    prompts = [ids("Sort: cab"), ids("Reverse: a longer word")]
+    base = GenerationConfig(max_new_tokens=8, block_length=4, steps=8, remasking="topk_margin")
+    ref = generate_ids(model, prompts, base, mask_id=MASK, pad_id=PAD)
+    stats = {}
+    out = generate_ids(model, prompts, dataclasses.replace(base, threshold=1.0), mask_id=MASK, pad_id=PAD,
+                       stats=stats)
+    assert out.tolist() == ref.tolist() and stats["full_steps"] == 8
+
+
+def _confident(p):
+    """The logit margin over V - 1 equal rivals that gives probability p to the answer token."""
+    return float(np.log(p * (V - 1) / (1 - p)))
+
+
+def test_threshold_reveals_every_confident_position_and_at_least_one():
+    probs = [0.95, 0.5, 0.97, 0.3, 0.2, 0.99, 0.1, 0.6]
+    model = FixedAnswerLM(ids("abcdefgh"), 8, margins=[_confident(p) for p in probs])
+    cfg = GenerationConfig(max_new_tokens=8, block_length=4, threshold=0.9)
+    trace, stats = [], {}
+    out = generate_ids(model, [ids("q")], cfg, mask_id=MASK, pad_id=PAD, trace=trace, stats=stats)
+    assert out[0].tolist() == ids("abcdefgh")
+    p_len = trace[0].shape[1] - 8
+    revealed = [np.flatnonzero(t[0, p_len:] != MASK).tolist() for t in trace]
+    # block 1: 0.95 and 0.97 pass; then one per step (0.5, then 0.3). Block 2: 0.99 passes first.
+    assert revealed == [[0, 2], [0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3, 5], [0, 1, 2, 3, 5, 7],
+                        [0, 1, 2, 3, 4, 5, 7], list(range(8))]
+    assert stats["full_steps"] == 7
+
+
+def test_factor_rule_reveals_the_longest_run_that_passes():
+    # sorted scores 0.99, 0.9, 0.8, 0.7; factor 1: bounds 1 - 1/2, 1 - 1/3, 1 - 1/4, 1 - 1/5 = .5 .67 .75 .8
+    model = FixedAnswerLM(ids("abcd"), 4, margins=[_confident(p) for p in (0.7, 0.99, 0.8, 0.9)])
+    cfg = GenerationConfig(max_new_tokens=4, factor=1.0)
+    trace = []
+    generate_ids(model, [ids("q")], cfg, mask_id=MASK, pad_id=PAD, trace=trace)
+    revealed = [np.flatnonzero(t[0, -4:] != MASK).tolist() for t in trace]
+    assert revealed == [[1, 2, 3], [0, 1, 2, 3]]  # 0.7 < 0.8 stops the run at three
+
+
+@pytest.mark.parametrize("bad,key", [(dict(threshold=0.0), "threshold"), (dict(threshold=1.5), "threshold"),
+                                     (dict(factor=-1.0), "factor"), (dict(threshold=0.9, factor=1.0), "factor"),
+                                     (dict(threshold=0.9, remasking="entropy"), "remasking"),
+                                     (dict(cache="both"), "cache"), (dict(stop_at_eos="yes"), "stop_at_eos")])
+def test_bad_decoding_options_fail_with_one_line_naming_the_key(bad, key):
+    with pytest.raises(ConfigError, match=f"generation.{key}:"):
+        GenerationConfig(**bad)
+
+
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_rows_finishing_at_different_steps_decode_as_they_would_alone(cache):
+    model = tiny_qwen3(seed=3)
+    prompts = [ids("Sort: cab"), ids("Reverse: a longer word"), ids("x"), ids("another")]
+    # stop tokens the random model does produce, so rows stop at different steps
+    trial = generate_ids(model, prompts, GenerationConfig(max_new_tokens=16, block_length=4), mask_id=MASK,
+                         pad_id=PAD)
+    stops = sorted({int(trial[0, 3]), int(trial[2, 6])})
+    cfg = GenerationConfig(max_new_tokens=16, block_length=4, threshold=0.2, cache=cache)
+    stats = {}
+    batch = generate_ids(model, prompts, cfg, mask_id=MASK, pad_id=PAD, stops=stops, prompt_len=24, stats=stats)
+    assert stats["full_steps"] + stats["window_steps"] < 16
+    ends = []
+    for i, p in enumerate(prompts):
+        alone = {}
+        row = generate_ids(model, [p], cfg, mask_id=MASK, pad_id=PAD, stops=stops, prompt_len=24, stats=alone)
+        assert row[0].tolist() == batch[i].tolist(), i
+        ends.append(alone["full_steps"] + alone["window_steps"])
+    assert len(set(ends)) > 1, ends  # the rows did finish at different steps
+    assert max(ends) == stats["full_steps"] + stats["window_steps"]
+
+
+def test_cached_parallel_decoding_compiles_two_graphs_on_xla_and_matches_cpu(xla_device):
+    # The block's first step (whole sequence, keys recorded) and its window steps: one graph each for
+    # every block of one size, reused by the next generation; the tokens are those decoded on CPU.
+    from train import runtime
+
+    cpu_model = tiny_qwen3(kernel="naive")
+    model = tiny_qwen3(kernel="reference").to(xla_device)
+    runtime.sync()
+    prompts = [ids("Sort: cab"), ids("Reverse: a longer word"), ids("x")]
+    cfg = GenerationConfig(max_new_tokens=16, block_length=4, threshold=0.5, cache="dual")
+    cpu = generate_ids(cpu_model, prompts, cfg, mask_id=MASK, pad_id=PAD, stops=[IM_END])
+    counts = []
+    for _ in range(2):
+        before, stats = runtime.compile_count(), {}
+        out = generate_ids(model, prompts, cfg, mask_id=MASK, pad_id=PAD, device=xla_device, stops=[IM_END],
+                           stats=stats)
+        counts.append(runtime.compile_count() - before)
+        assert out.tolist() == cpu.tolist()
+    assert counts == [2, 0], counts
+    assert stats["window_steps"] > 0
+
+
+def test_progress_bar_on_a_terminal_and_the_speed_line(monkeypatch):
+    import io
+    import sys
+
+    from train.generate import speed_line
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    model = CopyPromptLM(6, copy=3)
+    stats = {}
+    cfg = GenerationConfig(max_new_tokens=6, steps=3, batch_size=2)
+    answers = generate(model, TOK, [ids(w) for w in ["alpha", "be", "gamma"]], cfg, diffusion=DIFF,
+                       progress=True, stats=stats)
+    assert answers == ["alp", "be", "gam"]
+    assert "3/3" in screen.getvalue() and "tokens/s" in screen.getvalue()
+    assert stats["answer_tokens"] == 8 and stats["prompts"] == 3 and stats["tokens_per_s"] > 0
+    line = speed_line(stats)
+    assert line.startswith("3 answers, 8 tokens in ") and "tokens/s" in line
+    # not a terminal: no bar at all (logs get the speed line only)
+    plain = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", plain)
+    generate(model, TOK, [ids("alpha")], cfg, diffusion=DIFF, progress=True)
+    assert plain.getvalue() == ""

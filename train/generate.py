@@ -40,6 +40,9 @@ import numpy as np
 import torch
 
 REMASKING = ("maskgit_plus", "topk_margin", "entropy", "random")
+# Rules whose score is a probability-like number in [0, 1], which a threshold or the factor rule compares.
+PARALLEL_RULES = ("maskgit_plus", "topk_margin")
+CACHE_MODES = ("none", "prefix", "dual")
 # Prompts are left-padded up to a multiple of this, so prompts of similar lengths share one compiled graph.
 PROMPT_BUCKET = 8
 # Keys of the config's `generation:` section that are not sampler settings.
@@ -64,6 +67,16 @@ class GenerationConfig:
         (lowest entropy), random. temperature: 0 = greedy argmax, > 0 = Gumbel-max sampling from
         softmax(logits / temperature). top_p / top_k: nucleus / top-k filtering before sampling (1.0 / 0
         = off). seed: the noise seed. batch_size: prompts per generation call.
+
+    Faster decoding (README, "Decoding"): threshold: also reveal, in each step, every masked position
+    of the open block whose score exceeds this (parallel unmasking; the schedule's count stays the
+    minimum, and a block ends as soon as it has no masks left). factor: the same with Fast-dLLM's factor
+    rule instead of a fixed threshold (the n most confident positions whose n-th score is at least
+    1 - factor / (n + 1)). cache: none | prefix | dual: the first step of a block runs the whole
+    sequence and records every layer's keys and values. The block's later steps then run only the block
+    and what follows it (prefix), or only the block (dual); everything else is read from the record.
+    stop_at_eos: a row stops once its first <|im_end|>/EOS is revealed and every position before it is
+    decoded (its answer cannot change any more); decoding ends when every row has stopped.
     """
 
     max_new_tokens: int = 16
@@ -75,6 +88,10 @@ class GenerationConfig:
     top_k: int = 0
     seed: int = 0
     batch_size: int = 64
+    threshold: float | None = None
+    factor: float | None = None
+    cache: str = "none"
+    stop_at_eos: bool = True
 
     def __post_init__(self):
         def positive(key, value, allow_none=False):
@@ -99,6 +116,22 @@ class GenerationConfig:
             raise _config_error(f"generation.top_k: must be a non-negative integer (0 = off), got {self.top_k!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise _config_error(f"generation.seed: must be an integer, got {self.seed!r}")
+        if self.threshold is not None and (isinstance(self.threshold, bool)
+                                           or not isinstance(self.threshold, (int, float))
+                                           or not 0 < self.threshold <= 1):
+            raise _config_error(f"generation.threshold: must be in (0, 1] or null (off), got {self.threshold!r}")
+        if self.factor is not None and (isinstance(self.factor, bool) or not isinstance(self.factor, (int, float))
+                                        or not self.factor > 0):
+            raise _config_error(f"generation.factor: must be > 0 or null (off), got {self.factor!r}")
+        if self.threshold is not None and self.factor is not None:
+            raise _config_error("generation.factor: set threshold or factor, not both")
+        if self.parallel and self.remasking not in PARALLEL_RULES:
+            raise _config_error(f"generation.remasking: {self.remasking!r} gives no score in [0, 1] to compare "
+                                f"with threshold/factor; use one of {', '.join(PARALLEL_RULES)}")
+        if self.cache not in CACHE_MODES:
+            raise _config_error(f"generation.cache: unknown value {self.cache!r}; allowed: {', '.join(CACHE_MODES)}")
+        if not isinstance(self.stop_at_eos, bool):
+            raise _config_error(f"generation.stop_at_eos: must be true or false, got {self.stop_at_eos!r}")
         blocks = self.num_blocks
         if self.total_steps_requested < blocks:
             raise _config_error(f"generation.steps: {self.steps} steps cannot cover {blocks} blocks "
@@ -124,9 +157,15 @@ class GenerationConfig:
         values.update({k: v for k, v in overrides.items() if v is not None})
         if isinstance(values.get("temperature"), int):
             values["temperature"] = float(values["temperature"])
-        if isinstance(values.get("top_p"), int):
-            values["top_p"] = float(values["top_p"])
+        for key in ("top_p", "threshold", "factor"):
+            if isinstance(values.get(key), int) and not isinstance(values.get(key), bool):
+                values[key] = float(values[key])
         return cls(**values)
+
+    @property
+    def parallel(self) -> bool:
+        """Whether a step may reveal more than the schedule's count (threshold or factor rule)."""
+        return self.threshold is not None or self.factor is not None
 
     @property
     def block(self) -> int:
@@ -156,13 +195,26 @@ class GenerationConfig:
                 out.append((start, end, length // steps_b + (1 if i < length % steps_b else 0)))
         return out
 
+    def block_plan(self) -> list[tuple[int, int, list[int]]]:
+        """schedule() grouped by block: (block_start, block_end, [tokens_to_reveal per step])."""
+        plan: list[tuple[int, int, list[int]]] = []
+        for start, end, n in self.schedule():
+            if not plan or plan[-1][0] != start:
+                plan.append((start, end, []))
+            plan[-1][2].append(n)
+        return plan
+
     def describe(self) -> str:
         steps = len(self.schedule())
-        return (f"{self.remasking}, {steps} steps, max_new_tokens {self.max_new_tokens}, "
-                f"block_length {self.block}, temperature {self.temperature:g}"
+        return (f"{self.remasking}, {'at most ' if self.parallel or self.stop_at_eos else ''}{steps} steps, "
+                f"max_new_tokens {self.max_new_tokens}, block_length {self.block}, temperature {self.temperature:g}"
                 + (f", top_p {self.top_p:g}" if self.top_p < 1 else "")
                 + (f", top_k {self.top_k}" if self.top_k else "")
-                + (f", seed {self.seed}" if self.temperature > 0 or self.remasking == "random" else ""))
+                + (f", seed {self.seed}" if self.temperature > 0 or self.remasking == "random" else "")
+                + (f", threshold {self.threshold:g}" if self.threshold is not None else "")
+                + (f", factor {self.factor:g}" if self.factor is not None else "")
+                + (f", cache {self.cache}" if self.cache != "none" else "")
+                + ("" if self.stop_at_eos else ", no early stop"))
 
 
 # ---- counter-based device noise -------------------------------------------------------------------
@@ -253,38 +305,76 @@ def confidence(logits: torch.Tensor, x0: torch.Tensor, rule: str,
     raise ValueError(f"generation.remasking: unknown value {rule!r}; allowed: {', '.join(REMASKING)}")
 
 
-def _denoise_step(model, x, segment_ids, position_ids, schedule, counter, seed, vocab_bias, *,
-                  prompt_len: int, gen_len: int, cfg: GenerationConfig, mask_id: int, shift: bool):
-    """One step on device tensors; returns the new (x, counter). Everything that changes between
-    steps (x, the counter) is a tensor input, so the traced graph is identical for every step."""
-    rows = x.shape[0]
-    row = schedule.index_select(0, counter).view(3)
-    start, end, n_reveal = row[0], row[1], row[2]
-    hidden = model(x, segment_ids, position_ids)
-    lo = prompt_len - 1 if shift else prompt_len  # shift: hidden at i-1 predicts token i
-    logits = model.logits(hidden[:, lo:lo + gen_len]).float() + vocab_bias  # LM head on the region only
+def _reveal(gen, logits, offsets, n_reveal, done, counter, seed, *, gen_len: int, cfg: GenerationConfig,
+            mask_id: int):
+    """One step's choice in the open block: gen [B, R] its tokens, at region offsets `offsets` [R];
+    logits [B, R, V] their predictions. Returns the new gen [B, R]. Noise is keyed by (row, region
+    offset), so a block draws what it would draw as part of the whole region."""
+    rows = gen.shape[0]
     logits = filter_logits(logits, cfg.top_k, cfg.top_p)
+
+    def position_keys(stream):
+        return _position_keys(_step_key(seed, counter, stream), rows, gen_len).index_select(1, offsets)
+
     if cfg.temperature > 0:
-        key = _step_key(seed, counter, 0)
         vocab = logits.shape[-1]
-        vocab_keys = mix32(torch.arange(vocab, device=x.device, dtype=torch.int32) * _k(0x9E3779B9, x.device) + 1)
-        u = hash_uniform(mix32(_position_keys(key, rows, gen_len).unsqueeze(-1) ^ vocab_keys))
+        vocab_keys = mix32(torch.arange(vocab, device=gen.device, dtype=torch.int32) * _k(0x9E3779B9, gen.device) + 1)
+        u = hash_uniform(mix32(position_keys(0).unsqueeze(-1) ^ vocab_keys))
         gumbel = -torch.log(-torch.log(u))
         x0 = torch.argmax(logits / cfg.temperature + gumbel, dim=-1)
     else:
         x0 = torch.argmax(logits, dim=-1)
-    conf = confidence(logits, x0, cfg.remasking,
-                      uniform=lambda: hash_uniform(_position_keys(_step_key(seed, counter, 1), rows, gen_len)))
+    conf = confidence(logits, x0, cfg.remasking, uniform=lambda: hash_uniform(position_keys(1)))
 
-    gen = x[:, prompt_len:]
-    offset = torch.arange(gen_len, device=x.device, dtype=torch.int32)
-    candidate = (gen == mask_id) & (offset >= start) & (offset < end)
+    candidate = (gen == mask_id) & ~done[:, None]
     conf = torch.where(candidate, conf, torch.full_like(conf, float("-inf")))
     order = torch.argsort(conf, dim=-1, descending=True, stable=True)
     ranks = torch.argsort(order, dim=-1)  # rank of each position in confidence order
-    reveal = candidate & (ranks < n_reveal)
-    gen = torch.where(reveal, x0.to(gen.dtype), gen)
-    return torch.cat([x[:, :prompt_len], gen], dim=1), counter + 1
+    chosen = ranks < n_reveal
+    if cfg.threshold is not None:
+        chosen = chosen | (conf > cfg.threshold)
+    if cfg.factor is not None:  # rank r is the (r+1)-th most confident: kept while c >= 1 - f / (r + 2)
+        chosen = chosen | (conf >= 1.0 - cfg.factor / (ranks + 2).float())
+    return torch.where(candidate & chosen, x0.to(gen.dtype), gen)
+
+
+def _finished(gen, mask_id: int, stops: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the row's first stop token is revealed and nothing before it is still masked."""
+    is_stop = (gen[..., None] == stops).any(-1)
+    before_stop = torch.cumsum(is_stop.to(torch.int32), dim=1) == 0
+    return is_stop.any(1) & ~((gen == mask_id) & before_stop).any(1)
+
+
+def _step(model, x, segment_ids, position_ids, n_reveals, counter, seed, vocab_bias, done, stops,
+          block_offsets, kv, window, *, prompt_len: int, gen_len: int, cfg: GenerationConfig, mask_id: int,
+          shift: bool):
+    """One denoising step of the open block (region offsets `block_offsets` [R]); returns the new
+    (x, counter, done, flags), flags [2] int32 = (every row done, the block done). Everything that
+    changes between steps is a tensor input, so blocks of one size share one traced graph.
+
+    window None: the model runs on the whole sequence (kv: None, or a model.kv_cache.KVRecorder that
+    keeps every layer's keys and values for the block's later steps). window [W]: the model runs on
+    those positions only (the block, or the block and the rest; with shift starting one position
+    before the block), attending over the recorded keys (kv: a KVWindow), and the block's predictions
+    are the window's first R hidden states. The LM head runs on the block only."""
+    n_reveal = n_reveals.index_select(0, counter).view(())
+    lead = 1 if shift else 0  # shift: hidden at i-1 predicts token i
+    if window is None:
+        hidden = model(x, segment_ids, position_ids) if kv is None else model(x, segment_ids, position_ids, kv=kv)
+        hidden = hidden.index_select(1, block_offsets + (prompt_len - lead))
+    else:
+        hidden = model(x.index_select(1, window), segment_ids.index_select(1, window),
+                       position_ids.index_select(1, window), kv=kv)[:, :block_offsets.shape[0]]
+    logits = model.logits(hidden).float() + vocab_bias
+    columns = block_offsets + prompt_len
+    block = _reveal(x.index_select(1, columns), logits, block_offsets, n_reveal, done, counter, seed,
+                    gen_len=gen_len, cfg=cfg, mask_id=mask_id)
+    x = x.index_copy(1, columns, block)
+    if stops is not None:
+        done = done | _finished(x[:, prompt_len:], mask_id, stops)
+    open_masks = (block == mask_id) & ~done[:, None]
+    flags = torch.stack([done.all(), ~open_masks.any()]).to(torch.int32)
+    return x, counter + 1, done, flags
 
 
 # ---- batches of prompts --------------------------------------------------------------------------
@@ -324,17 +414,25 @@ def _is_xla(device) -> bool:
 @torch.no_grad()
 def generate_ids(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *, mask_id: int,
                  pad_id: int, shift_logits: bool = True, device=None, prompt_len: int | None = None,
-                 rows: int | None = None, autocast: Callable[[], Any] = contextlib.nullcontext,
-                 trace: list | None = None) -> np.ndarray:
+                 rows: int | None = None, stops: Sequence[int] = (),
+                 autocast: Callable[[], Any] = contextlib.nullcontext, trace: list | None = None,
+                 stats: dict | None = None) -> np.ndarray:
     """Token ids of the whole generation region, [len(prompts), max_new_tokens] int64 (no truncation).
 
-    prompt_len / rows fix the padded shape (several calls then share one compiled step); `trace`, for
-    tests and debugging only, receives a host copy of the whole [rows, P + G] sequence after every
-    step (a host read per step, which the normal path avoids).
+    prompt_len / rows fix the padded shape (several calls then share compiled steps). `stops`: the
+    end-of-answer token ids (for cfg.stop_at_eos; a row that stopped early holds `pad_id` where it
+    was still masked after its stop). `stats`, if given, counts the model calls ("full_steps",
+    "window_steps"). `trace`, for tests and debugging only, receives a host copy of the whole
+    [rows, P + G] sequence after every step (a host read per step).
+
+    Host reads: none inside the loop for the fixed schedule without early stop; otherwise one [2]
+    int32 per step (is every row done, is the open block done) to end a block or the decoding early.
     """
     if shift_logits and any(len(p) == 0 for p in prompts):
         raise ValueError("generate: an empty prompt cannot be decoded with shift_logits (the first token "
                          "would have no predecessor); give at least one prompt token")
+    from model.kv_cache import KVRecorder, KVWindow
+
     device = torch.device(device) if device is not None else next(model.parameters()).device
     g = cfg.max_new_tokens
     ids, seg, pos, p_len = layout(prompts, g, mask_id=mask_id, pad_id=pad_id, prompt_len=prompt_len, rows=rows)
@@ -342,16 +440,19 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
     bias = torch.zeros(vocab, dtype=torch.float32)
     if mask_id < vocab:
         bias[mask_id] = float("-inf")  # never "reveal" a MASK
-    steps = cfg.schedule()
     dev = lambda a, dtype: torch.as_tensor(a, dtype=dtype).to(device)  # noqa: E731
     x = dev(ids, torch.int64)
     segment_ids, position_ids = dev(seg, torch.int32), dev(pos, torch.int32)
-    schedule = dev(np.asarray(steps, dtype=np.int32), torch.int32)
-    # [1], not 0-d: torch_xla turns 0-d transfers of special values (0, 1) into graph constants,
-    # which would make the first step's graph differ from the rest
-    counter = dev([0], torch.int32)
+    n_reveals = dev(np.asarray([n for _, _, n in cfg.schedule()], dtype=np.int32), torch.int32)
     seed = dev([_i32(cfg.seed)], torch.int32)
     vocab_bias = bias.to(device)
+    done = dev(np.zeros(len(ids), dtype=bool), torch.bool)
+    stop_tensor = dev(list(stops), torch.int64) if cfg.stop_at_eos and stops else None
+    early = cfg.parallel or stop_tensor is not None  # may a block or the decoding end before its schedule?
+    num_layers = model.config.num_hidden_layers if cfg.cache != "none" else 0
+    lead = 1 if shift_logits else 0
+    common = dict(prompt_len=p_len, gen_len=g, cfg=cfg, mask_id=mask_id, shift=shift_logits)
+    counts = {"full_steps": 0, "window_steps": 0}
     xla = _is_xla(device)
     was_training = model.training
     model.eval()
@@ -360,19 +461,48 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
             from train import runtime
 
             runtime.sync()  # the inputs become device data of the step graph, not part of it
-        for _ in steps:
-            with autocast():
-                x, counter = _denoise_step(model, x, segment_ids, position_ids, schedule, counter, seed,
-                                           vocab_bias, prompt_len=p_len, gen_len=g, cfg=cfg, mask_id=mask_id,
-                                           shift=shift_logits)
-            if xla:
-                runtime.sync()
-            if trace is not None:
-                trace.append(x.cpu().numpy())
+        first = 0
+        finished = False
+        for start, end, reveals in cfg.block_plan():
+            # [1], not 0-d: torch_xla turns 0-d transfers of special values (0, 1) into graph constants,
+            # which would make the first block's graph differ from the rest
+            counter = dev([first], torch.int32)
+            first += len(reveals)
+            block_offsets = dev(np.arange(start, end), torch.int64)
+            recorder, window = None, None
+            if cfg.cache != "none":
+                recorder = KVRecorder(num_layers)
+                last = p_len + (end if cfg.cache == "dual" else g)
+                window = dev(np.arange(p_len + start - lead, last), torch.int64)
+            for i in range(len(reveals)):
+                cached = recorder is not None and i > 0
+                kv = KVWindow(recorder.keys, recorder.values, segment_ids, window) if cached else recorder
+                with autocast():
+                    x, counter, done, flags = _step(model, x, segment_ids, position_ids, n_reveals, counter, seed,
+                                                    vocab_bias, done, stop_tensor, block_offsets, kv,
+                                                    window if cached else None, **common)
+                counts["window_steps" if cached else "full_steps"] += 1
+                if xla:
+                    runtime.sync()  # the recorded keys and values too: they are live tensors
+                if trace is not None:
+                    trace.append(x.cpu().numpy())
+                if early:
+                    every_row_done, block_done = flags.cpu().tolist()
+                    if every_row_done:
+                        finished = True
+                    if every_row_done or block_done:
+                        break
+            if finished:
+                break
         out = x.cpu().numpy()
     finally:
         model.train(was_training)
-    return out[: len(prompts), p_len:]
+    if stats is not None:
+        for key, value in counts.items():
+            stats[key] = stats.get(key, 0) + value
+    region = out[: len(prompts), p_len:]
+    region[region == mask_id] = pad_id  # only rows that stopped early keep masks (after their stop)
+    return region
 
 
 def _vocab_size(model) -> int:
@@ -398,14 +528,21 @@ def cut_at_stop(ids: Sequence[int], stops: Sequence[int]) -> list[int]:
 
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *, diffusion,
              device=None, prompt_len: int | None = None,
-             autocast: Callable[[], Any] = contextlib.nullcontext) -> list[str]:
+             autocast: Callable[[], Any] = contextlib.nullcontext, progress: bool = False,
+             stats: dict | None = None) -> list[str]:
     """Answers (decoded up to the first <|im_end|>/EOS) for prompt id lists, `cfg.batch_size` at a time.
     `diffusion` (model.diffusion.DiffusionConfig, e.g. from the checkpoint) supplies the mask token
     and the shift_logits convention the model was trained with. Every batch is padded to the same
     shape (`prompt_len`, default: the longest prompt rounded up; rows: at most batch_size, the prompts
-    spread evenly over the fewest batches), so a whole call compiles one step graph."""
+    spread evenly over the fewest batches), so a whole call compiles one graph per kind of step.
+
+    progress: a progress bar over the prompts on stderr (a terminal only). stats, if given, receives
+    prompts, answer_tokens (answers' tokens before their stop), seconds, tokens_per_s and the model
+    calls (full_steps, window_steps)."""
     if not prompts:
         return []
+    import time
+
     longest = max(len(p) for p in prompts)
     p_len = prompt_len or -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
     # as few batches as batch_size allows, evenly filled (100 prompts at 64: 2 x 50, not 64 + 36 padded)
@@ -413,13 +550,37 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], cfg: Generation
     rows = -(-len(prompts) // batches)
     stops = stop_ids(tokenizer)
     answers: list[str] = []
+    counts: dict = {}
+    tokens = 0
+    began = time.perf_counter()
+    bar = _progress_bar(len(prompts)) if progress else None
     for i in range(0, len(prompts), rows):
         chunk = prompts[i:i + rows]
         region = generate_ids(model, chunk, cfg, mask_id=diffusion.mask_token_id, pad_id=tokenizer.pad_id,
                               shift_logits=diffusion.shift_logits, device=device, prompt_len=p_len,
-                              rows=rows, autocast=autocast)
-        answers.extend(tokenizer.decode(cut_at_stop(r, stops)) for r in region)
+                              rows=rows, stops=stops, autocast=autocast, stats=counts)
+        cut = [cut_at_stop(r, stops) for r in region]
+        tokens += sum(len(c) for c in cut)
+        answers.extend(tokenizer.decode(c) for c in cut)
+        if bar is not None:
+            bar.update(len(chunk))
+            bar.set_postfix_str(f"{tokens / (time.perf_counter() - began):.1f} tokens/s")
+    if bar is not None:
+        bar.close()
+    if stats is not None:
+        seconds = time.perf_counter() - began
+        stats.update(counts, prompts=len(prompts), answer_tokens=tokens, seconds=seconds,
+                     tokens_per_s=tokens / seconds if seconds > 0 else 0.0)
     return answers
+
+
+def _progress_bar(total: int):
+    """A tqdm bar over prompts on a terminal; None elsewhere (logs get the summary line only)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="prompt", file=sys.stderr, dynamic_ncols=True)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -493,11 +654,17 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, help="top-k filtering (0 = off)")
     g.add_argument("--seed", type=int, help="noise seed")
     g.add_argument("--batch-size", type=int, help="prompts per generation call")
+    g.add_argument("--threshold", type=float, help="parallel unmasking: also reveal every score above this")
+    g.add_argument("--factor", type=float, help="parallel unmasking by Fast-dLLM's factor rule")
+    g.add_argument("--cache", choices=CACHE_MODES, help="block-wise key/value cache: none, prefix or dual")
+    g.add_argument("--no-stop-at-eos", dest="stop_at_eos", action="store_false", default=None,
+                   help="decode every position even after a row's answer has ended")
 
 
 def sampler_from_args(base: GenerationConfig, args: argparse.Namespace) -> GenerationConfig:
     changes = {k: getattr(args, k) for k in ("steps", "max_new_tokens", "block_length", "remasking",
-                                             "temperature", "top_p", "top_k", "seed", "batch_size")}
+                                             "temperature", "top_p", "top_k", "seed", "batch_size",
+                                             "threshold", "factor", "cache", "stop_at_eos")}
     changes = {k: v for k, v in changes.items() if v is not None}
     if "max_new_tokens" in changes and "steps" not in changes and base.steps is not None:
         changes["steps"] = None  # a new region length with the old step count is rarely what was meant
@@ -572,8 +739,10 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_for_inference(args.checkpoint)
         gen_cfg = sampler_from_args(loaded.generation, args)
         ids = [encode_prompt(p, loaded, args.raw) for p in prompts]
+        stats: dict = {}
         answers = generate(loaded.model, loaded.tokenizer, ids, gen_cfg, diffusion=loaded.diffusion,
-                           device=loaded.device, autocast=lambda: autocast_context(loaded.cfg))
+                           device=loaded.device, autocast=lambda: autocast_context(loaded.cfg),
+                           progress=True, stats=stats)
     except (ConfigError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -581,7 +750,16 @@ def main(argv: list[str] | None = None) -> int:
     for prompt, answer in zip(prompts, answers):
         shown = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
         print(f"\n>>> {shown}\n{answer}")
+    print(f"\n{speed_line(stats)}")
     return 0
+
+
+def speed_line(stats: dict) -> str:
+    """One line from generate()'s stats: answers, tokens, time, tokens/s, model calls."""
+    calls = stats.get("full_steps", 0) + stats.get("window_steps", 0)
+    return (f"{stats['prompts']} answers, {stats['answer_tokens']} tokens in {stats['seconds']:.1f} s "
+            f"({stats['tokens_per_s']:.1f} tokens/s; {calls} model calls"
+            + (f", {stats['window_steps']} on a cached window" if stats.get("window_steps") else "") + ")")
 
 
 if __name__ == "__main__":
