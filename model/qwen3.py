@@ -125,16 +125,21 @@ class _CpuLinear(torch.autograd.Function):
         return grad @ weight, grad.t() @ x
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T ordered for the backend that runs it: on XLA:CPU with few rows, _CpuLinear; anywhere
+    else F.linear (a TPU's layout assignment and eager CPU kernels need no help)."""
+    rows = x.numel() // x.shape[-1]
+    if rows <= CPU_TRANSPOSED_PRODUCT_MAX_ROWS and _on_xla_cpu(x):
+        return _CpuLinear.apply(x.reshape(rows, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and names) whose product is ordered for the backend that runs it: on
-    XLA:CPU with few rows, _CpuLinear; anywhere else F.linear (a TPU's layout assignment and eager CPU
-    kernels need no help)."""
+    """nn.Linear (same parameters and names) whose product goes through `linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if self.bias is None and rows <= CPU_TRANSPOSED_PRODUCT_MAX_ROWS and _on_xla_cpu(x):
-            out = _CpuLinear.apply(x.reshape(rows, x.shape[-1]), self.weight)
-            return out.reshape(*x.shape[:-1], self.out_features)
+        if self.bias is None:
+            return linear(x, self.weight)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -467,7 +472,7 @@ class Qwen3ForDiffusionLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [..., V] (generation, evaluation; training uses the loss kernel)."""
-        return F.linear(hidden, self.lm_head_weight)
+        return linear(hidden, self.lm_head_weight)
 
     def extra_repr(self) -> str:
         return (f"causal={self.causal}, attention_kernel={self.attention_kernel!r}, "
