@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench tpu-check install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml plugins/lm_eval_hook/pyproject.toml plugins/lm_eval_hook/pallas_dlm_lm_eval_hook.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[dev,tpu-compile]'
+	$(PY) -m pip install -e '.[dev,tpu-compile]' ./plugins/lm_eval_hook
 	touch $(STAMP)
 
 install: $(STAMP)

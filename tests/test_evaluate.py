@@ -96,6 +96,14 @@ def test_generate_command_line(trained, capsys, tmp_path):
     assert main([str(result.checkpoint), "--prompts-file", str(jsonl)]) == 0
     printed = capsys.readouterr().out
     assert ">>> Sort: cab" in printed and '"Add: 1 2"' in printed and '"assistant"' not in printed
+    assert "2 answers, " in printed and "tokens/s" in printed
+    # the faster decoding flags reach the sampler
+    assert main([str(out), "--prompt", "Reverse: abc", "--threshold", "0.9", "--cache", "dual",
+                 "--block-length", "4", "--no-stop-at-eos"]) == 0
+    printed = capsys.readouterr().out
+    assert "threshold 0.9" in printed and "cache dual" in printed and "no early stop" in printed
+    assert main([str(out), "--prompt", "x", "--threshold", "2"]) == 2
+    assert "generation.threshold:" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": 3}\n')
     assert main([str(out), "--prompts-file", str(bad)]) == 2
@@ -117,5 +125,30 @@ def test_evaluate_command_line_matches_the_trainer(trained, capsys, tmp_path):
     assert saved["eval/loss"] == pytest.approx(result.final_eval["eval/loss"], rel=1e-5)
     assert saved["eval/exact_match"] == result.final_eval["eval/exact_match"]
     assert len(saved["generations"]) == 6
+    assert saved["decoding"]["prompts"] == 6 and "decoding: 6 answers" in printed
     assert main([str(tmp_path / "nowhere")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_code_pass_at_k_command_line(trained, capsys, tmp_path):
+    # n samples per problem from the sampler, each run in the sandbox; the report names every outcome
+    from train.evaluate import main
+
+    out, _, _, _ = trained
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps(p) + "\n" for p in [
+        {"task_id": "t/0", "prompt": "def add(a, b):\n", "entry_point": "add",
+         "test": "def check(f):\n    assert f(2, 3) == 5\n"},
+        {"task_id": "t/1", "prompt": "def ident(x):\n", "entry_point": "ident",
+         "test": "def check(f):\n    assert f(7) == 7\n"}]))
+    report = tmp_path / "code.json"
+    assert main([str(out), "--code", str(problems), "--samples", "2", "--k", "1,2,5", "--temperature", "1",
+                 "--max-new-tokens", "8", "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "pass@1" in printed and "pass@2" in printed and "skipped pass@5" in printed
+    code = json.loads(report.read_text())["code"]
+    assert code["n_samples"] == 4 and sum(code["statuses"].values()) == 4
+    assert [len(p["completions"]) for p in code["problems"]] == [2, 2]
+    assert main([str(out), "--code", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err

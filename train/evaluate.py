@@ -1,6 +1,7 @@
 """Evaluate a checkpoint: held-out masked-token loss and exact-match accuracy of generated answers.
 
 `python -m train.evaluate <checkpoint> [--max-examples N] [--eval-max-batches N] [--show N] [sampler flags]`
+`python -m train.evaluate --lm-eval --model_args pretrained=<checkpoint> --tasks ... [lm_eval arguments]`
 
 - Held-out loss: the training objective on the held-out batches at a fixed grid of t with fixed noise
   (`train.trainer.heldout_loss`), so the number is deterministic and comparable across runs and with
@@ -28,16 +29,17 @@ from train.generate import GenerationConfig, generate
 
 def exact_match(model, tokenizer, examples: Sequence[tuple[Sequence[int], str]], gen_cfg: GenerationConfig,
                 device, *, diffusion, autocast: Callable[[], Any] = contextlib.nullcontext,
-                ) -> tuple[float, list[tuple[str, str, str]]]:
+                progress: bool = False, stats: dict | None = None) -> tuple[float, list[tuple[str, str, str]]]:
     """(accuracy, [(prompt text, generated answer, reference), ...]) over `examples` = [(prompt ids,
     reference)] (as `data.load_eval_examples` returns them). `diffusion` is the model's
     DiffusionConfig (mask token, shift_logits). All batches share one padded shape, so repeated calls
-    on the same examples (before, during and after training) reuse one compiled step graph."""
+    on the same examples (before, during and after training) reuse one compiled step graph.
+    progress / stats: as train.generate.generate."""
     if not examples:
         return 0.0, []
     prompts = [list(p) for p, _ in examples]
     answers = generate(model, tokenizer, prompts, gen_cfg, diffusion=diffusion, device=device,
-                       autocast=autocast)
+                       autocast=autocast, progress=progress, stats=stats)
     rows = [(tokenizer.decode(p), a, r) for (p, r), a in zip(examples, answers)]
     correct = sum(is_match(a, r) for _, a, r in rows)
     return correct / len(rows), rows
@@ -69,7 +71,75 @@ def format_examples(rows: Sequence[tuple[str, str, str]], n: int) -> list[str]:
     return out
 
 
+def code_pass_at_k(loaded, gen_cfg, args, autocast) -> dict[str, Any]:
+    """`--code`: n completions per problem from the diffusion sampler (the prompt continued as plain
+    text; sample i uses seed + i, so samples differ when temperature > 0), run in train.sandbox, pass@k."""
+    from dataclasses import replace
+
+    from train import code_eval
+    from train.generate import generate, speed_line
+
+    if args.samples < 1:
+        raise ValueError(f"--samples: must be a positive integer, got {args.samples}")
+    try:
+        ks = [int(k) for k in str(args.k).split(",") if k.strip()]
+    except ValueError:
+        raise ValueError(f"--k: expected comma-separated integers, got {args.k!r}") from None
+    problems = code_eval.load_problems(args.code)[: args.limit]
+    if not problems:
+        raise ValueError(f"--code {args.code}: no problems")
+    if args.samples > 1 and gen_cfg.temperature == 0:
+        print("note: temperature 0 decodes greedily: every sample of a problem is the same (use --temperature)")
+    tok = loaded.tokenizer
+    ids = [tok.encode(p.prompt) for p in problems]
+    speed = dict.fromkeys(("prompts", "answer_tokens", "seconds", "full_steps", "window_steps"), 0)
+    draws = iter(range(args.samples))
+
+    def sample(prompts: list[str]) -> list[str]:
+        cfg, stats = replace(gen_cfg, seed=gen_cfg.seed + next(draws)), {}
+        texts = generate(loaded.model, tok, ids, cfg, diffusion=loaded.diffusion, device=loaded.device,
+                         autocast=autocast, progress=True, stats=stats)
+        for key in speed:
+            speed[key] += stats.get(key, 0)
+        return texts
+
+    completions = code_eval.generate_completions(problems, args.samples, sample)
+    speed["tokens_per_s"] = speed["answer_tokens"] / speed["seconds"] if speed["seconds"] else 0.0
+    results = code_eval.evaluate_completions(problems, completions, ks, timeout_s=args.code_timeout)
+    print(f"code: {args.code}, sampler: {gen_cfg.describe()}; decoding: {speed_line(speed)}")
+    print(code_eval.format_table(results))
+    for row, problem in zip(results["problems"], problems):
+        row["completions"] = completions[problem.task_id]
+    return {"code": results}
+
+
+def run_lm_eval(argv: list[str]) -> int:
+    """`python -m train.evaluate --lm-eval <lm_eval arguments>`: lm-evaluation-harness's own command line
+    with our model registered (train/lm_eval_model.py); `--model pallas-dlm` is the default."""
+    try:
+        import lm_eval.__main__ as harness
+    except ImportError:
+        print("error: --lm-eval needs lm-evaluation-harness: pip install 'lm-eval==0.4.13'", file=sys.stderr)
+        return 2
+    import train.lm_eval_model  # noqa: F401  (registers pallas-dlm)
+
+    if not any(a == "--model" or a.startswith("--model=") for a in argv):
+        argv = ["--model", "pallas-dlm", *argv]
+    saved = sys.argv
+    sys.argv = ["lm_eval", *argv]
+    try:
+        harness.cli_evaluate()
+    except SystemExit as done:
+        return int(done.code or 0) if not isinstance(done.code, str) else 2
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--lm-eval":
+        return run_lm_eval(argv[1:])
     from train.generate import add_sampler_args, load_for_inference, sampler_from_args
 
     parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
@@ -81,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-loss", action="store_true", help="skip the held-out loss")
     parser.add_argument("--no-exact-match", action="store_true", help="skip generation")
     parser.add_argument("--json", metavar="PATH", help="also write the results (and every generation) here")
+    code = parser.add_argument_group("code pass@k (instead of the held-out loss and exact match)")
+    code.add_argument("--code", metavar="SOURCE", help="humaneval, mbpp (a local file named by PALLAS_DLM_MBPP) or "
+                      "a .jsonl of problems in HumanEval's fields")
+    code.add_argument("--samples", type=int, default=1, help="completions per problem, n (default 1)")
+    code.add_argument("--k", default="1,10,100", help="pass@k for these k <= n (default 1,10,100)")
+    code.add_argument("--limit", type=int, help="the first N problems only")
+    code.add_argument("--code-timeout", type=float, default=10.0, help="wall seconds per program (default 10)")
     add_sampler_args(parser)
     args = parser.parse_args(argv)
 
@@ -101,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         autocast = lambda: autocast_context(cfg)  # noqa: E731
         print(f"checkpoint: {loaded.path} (step {loaded.step})")
         report: dict[str, Any] = {"checkpoint": str(loaded.path), "step": loaded.step}
-        if not args.no_loss:
+        if args.code:
+            report.update(code_pass_at_k(loaded, gen_cfg, args, autocast))
+        elif not args.no_loss:
             rows = int(cfg.global_batch_size) // int(cfg.gradient_accumulation_steps)  # as the trainer batches
             batches = build_eval_batches(cfg.data, tok, training_mode=cfg.training_mode, batch_size=rows)
             cap = args.eval_max_batches if args.eval_max_batches is not None else cfg.get("eval_max_batches")
@@ -115,16 +194,21 @@ def main(argv: list[str] | None = None) -> int:
                       f"fixed t grid)")
             else:
                 print("held-out loss: n/a (no held-out split)")
-        if not args.no_exact_match:
+        if not args.no_exact_match and not args.code:
             examples = load_eval_examples(cfg.data, tok, max_examples=args.max_examples,
                                           training_mode=cfg.training_mode)
             if not examples:
                 print("exact match: n/a (no held-out SFT examples)")
             else:
+                from train.generate import speed_line
+
+                speed: dict = {}
                 acc, gens = exact_match(loaded.model, tok, examples, gen_cfg, loaded.device,
-                                        diffusion=loaded.diffusion, autocast=autocast)
+                                        diffusion=loaded.diffusion, autocast=autocast, progress=True, stats=speed)
                 hits = sum(is_match(a, r) for _, a, r in gens)
                 print(f"exact match: {acc:.1%} ({hits}/{len(gens)} held-out examples; sampler: {gen_cfg.describe()})")
+                print(f"decoding: {speed_line(speed)}")
+                report["decoding"] = speed
                 for line in format_examples(gens, args.show):
                     print(line)
                 report["eval/exact_match"] = acc
