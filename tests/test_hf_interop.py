@@ -389,3 +389,22 @@ def test_command_line_trains_from_hf_dir_then_exports(tmp_path, capsys):
     for name, tensor in trained.items():
         assert torch.equal(exported[name], tensor), name
     assert torch.equal(exported["lm_head.weight"], trained["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_max_steps_zero_imports_the_weights_into_a_checkpoint_bit_for_bit(tmp_path, capsys, tied):
+    from safetensors.torch import load_file
+
+    from train.run import main
+
+    hf_dir = tmp_path / "hf"
+    original = save_tiny_hf(hf_dir, tied=tied)
+    assert main(SMALL + [f"init_from={hf_dir}", "tokenizer_name=byte", "max_steps=0",
+                         f"output_dir={tmp_path / 'out'}"]) == 0
+    assert "max_steps=0: wrote" in capsys.readouterr().out
+    saved = load_file(str(tmp_path / "out" / "checkpoints" / "step-00000000" / "model.safetensors"))
+    if tied:
+        original.pop("lm_head.weight", None)
+    assert set(saved) == set(original)
+    for name, value in original.items():
+        assert torch.equal(saved[name], value.float()), name

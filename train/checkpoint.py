@@ -260,6 +260,19 @@ def _check_names(path: Path, own: dict, metadata) -> None:
                   {k: tuple(getattr(m, "size", ())) for k, m in metadata.state_dict_metadata.items()})
 
 
+def remove_stale_temps(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Remove the `.step-N.*` folders of saves that were interrupted (kill -9, power loss): a save writes
+    into such a folder and renames it into place only once complete, so none of them is a checkpoint.
+    Call it when no other process saves into `ckpt_dir`. Returns what was removed."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(".step-")]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints (a trainer_state.json is written last), oldest first."""
     root = Path(ckpt_dir)

@@ -101,10 +101,11 @@ def validate(cfg: DictConfig) -> None:
         get_preset(cfg.model.preset)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    for key in ("global_batch_size", "gradient_accumulation_steps", "max_steps", "logging_steps"):
+    for key in ("global_batch_size", "gradient_accumulation_steps", "logging_steps"):
         _positive_int(cfg, key)
-    for key in ("save_steps", "eval_steps"):
+    for key in ("max_steps", "save_steps", "eval_steps"):  # max_steps=0: import init_from into a checkpoint
         _positive_int(cfg, key, allow_zero=True)
+    _divergence(cfg)
     for scope in ("ici_mesh", "dcn_mesh"):
         for axis in MESH_AXES:
             _positive_int(cfg, f"{scope}.{axis}")
@@ -124,6 +125,19 @@ def validate(cfg: DictConfig) -> None:
     full = cfg.diffusion.get("full_mask_steps", 0)
     if not (isinstance(full, int) and not isinstance(full, bool) and full >= 0):
         raise ConfigError(f"diffusion.full_mask_steps: must be a non-negative integer, got {full!r}")
+
+
+DIVERGENCE_ACTIONS = ("stop", "off")
+
+
+def _divergence(cfg) -> None:
+    node = cfg.get("divergence")
+    if node is None:
+        return
+    _choice(cfg, "divergence.action", DIVERGENCE_ACTIONS)
+    factor = node.get("spike_factor", 0)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (factor == 0 or factor > 1):
+        raise ConfigError(f"divergence.spike_factor: must be 0 (off) or a number > 1, got {factor!r}")
 
 
 REMAT_LAYERS = ("Qwen3DecoderLayer",)

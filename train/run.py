@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from data import DataError
     from train.checkpoint import CheckpointError
     from train.config import ConfigError, load_config
-    from train.trainer import Trainer
+    from train.trainer import Trainer, TrainingDiverged
 
     try:
         cfg = load_config(argv)
@@ -48,12 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     before, after = result.initial_eval.get("eval/loss"), result.final_eval.get("eval/loss")
     print(f"trained {result.steps_done} steps in {result.train_seconds:.1f} s "
           f"({result.steps_done / max(result.train_seconds, 1e-9):.2f} steps/s); total {result.total_seconds:.1f} s")
     if before is not None and after is not None:
         print(f"held-out loss: {before:.4f} -> {after:.4f} ({after / before:.1%} of the initial)")
     print(f"checkpoint: {result.checkpoint}")
+    if result.stopped_by:
+        print(f"stopped early by {result.stopped_by}; continue with resume_from_checkpoint=latest")
     print(f"metrics: {result.output_dir / 'metrics.jsonl'}, loss curve: {result.output_dir / 'loss_curve.png'}")
     return 0
 

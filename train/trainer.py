@@ -333,6 +333,52 @@ class RunResult:
     step_losses: dict[int, float] = field(default_factory=dict)
     checkpoint: Path | None = None
     output_dir: Path | None = None
+    stopped_by: str | None = None  # the signal that ended the run early (SIGTERM, SIGINT), if one did
+
+
+class TrainingDiverged(RuntimeError):
+    """A step's loss or gradient norm is not finite (divergence.action=stop); nothing was saved after it."""
+
+
+# How many previous steps' losses the spike warning compares against (their median).
+SPIKE_WINDOW = 50
+
+
+class StopSignals:
+    """SIGTERM and SIGINT ask the loop to stop after the current step (it then saves and returns); a
+    second signal of either kind stops at once, as the default handlers would. Restored on exit."""
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():  # handlers live on the main thread
+            return self
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        name = signal.Signals(signum).name
+        if self.received is not None:  # the second one: give up at once
+            raise KeyboardInterrupt(f"{name} again: stopping without a save")
+        self.received = name
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 class Trainer:
@@ -364,6 +410,8 @@ class Trainer:
         self._setup_exact_match()
         self.step = 0
         self.ckpt_dir = checkpoint_dir(cfg)
+        for stale in ckpt.remove_stale_temps(self.ckpt_dir):
+            self.log(f"removed {stale}: the unfinished folder of an interrupted save")
         self._restore()
 
     # ---- start-up -------------------------------------------------------------------------------
@@ -516,7 +564,7 @@ class Trainer:
                  f"tokenizer {self.tokenizer.name}, device {runtime.device_kind()} ({sharding.describe(self.mesh)}), "
                  f"{cfg.global_batch_size} rows x {cfg.data.block_size} tokens per step")
         result = RunResult(steps_done=self.step, output_dir=out)
-        result.initial_eval = self.evaluate()
+        result.initial_eval = self.evaluate() if int(cfg.max_steps) > 0 else {}
         if result.initial_eval:
             metrics.log(self.step, result.initial_eval)
         if "eval/loss" in result.initial_eval:
@@ -530,44 +578,42 @@ class Trainer:
         window_start, train_start = time.perf_counter(), time.perf_counter()
         bar = tqdm(total=int(cfg.max_steps), initial=self.step, desc="train", dynamic_ncols=True,
                    disable=None)
-        while self.step < cfg.max_steps:
-            lr = self.scheduler.get_last_lr()[0]
-            stats, tokens = self.train_step()
-            runtime.sync()
-            self.step += 1
-            pending.append((self.step, stats, tokens))
-            bar.update(1)
-            last = self.step == cfg.max_steps
-            if self.step % cfg.logging_steps == 0 or last:
-                values = [(s, {k: v.item() for k, v in st.items()}, tok) for s, st, tok in pending]
-                elapsed = time.perf_counter() - window_start
-                n_tokens = sum(tok for _, _, tok in values)
-                loss = float(np.mean([v["loss"] for _, v, _ in values]))
-                record = {
-                    "train/loss": loss,
-                    "train/ppl": math.exp(min(loss, 50.0)),
-                    "train/lr": lr,
-                    "train/grad_norm": values[-1][1]["grad_norm"],
-                    "train/loss_positions": float(np.mean([v["loss_positions"] for _, v, _ in values])),
-                    "train/step_time": elapsed / len(values),
-                    "train/tokens_per_s": n_tokens / max(elapsed, 1e-9),
-                }
-                for s, v, _ in values:
-                    result.step_losses[s] = v["loss"]
-                metrics.log(self.step, record)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['train/tokens_per_s']:.0f}")
-                if bar.disable:  # no terminal (CI, a log file): a plain line per logging step instead
-                    self.log(f"step {self.step}/{cfg.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                             f"grad_norm {record['train/grad_norm']:.3f}  step_time {record['train/step_time']:.3f}s  "
-                             f"tokens/s {record['train/tokens_per_s']:.0f}")
-                pending.clear()
-                window_start = time.perf_counter()
-            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and not last:
-                metrics.log(self.step, self.evaluate())
-            if cfg.save_steps and self.step % cfg.save_steps == 0 and not last:
-                self.save()
+        guard = cfg.get("divergence") or {}
+        check = guard.get("action", "stop") != "off"
+        spike = float(guard.get("spike_factor", 0) or 0)
+        recent: list[float] = []
+        signals = StopSignals()
+        with signals:
+            while self.step < cfg.max_steps and signals.received is None:
+                lr = self.scheduler.get_last_lr()[0]
+                stats, tokens = self.train_step()
+                runtime.sync()
+                self.step += 1
+                if check or spike:  # two scalars to the host per step, already computed by the sync above
+                    self._check_step(stats, recent, check, spike)
+                pending.append((self.step, stats, tokens))
+                bar.update(1)
+                last = self.step == cfg.max_steps or signals.received is not None
+                self._after_step(cfg, metrics, result, pending, bar, lr, last, window_start)
+                if not pending:
+                    window_start = time.perf_counter()
         bar.close()
         result.train_seconds = time.perf_counter() - train_start
+        if signals.received is not None:
+            result.stopped_by = signals.received
+            self.log(f"{signals.received} at step {self.step}: saving a checkpoint and stopping")
+            result.checkpoint = self.save()
+            result.steps_done = self.step
+            metrics.close()
+            plot_loss_curve(metrics.jsonl_path, out / "loss_curve.png")
+            result.total_seconds = time.perf_counter() - start
+            return result
+        if int(cfg.max_steps) == 0:  # an import: the initial weights as a checkpoint, nothing evaluated twice
+            result.checkpoint = self.save()
+            self.log(f"max_steps=0: wrote {result.checkpoint} (the initial weights)")
+            metrics.close()
+            result.total_seconds = time.perf_counter() - start
+            return result
         result.final_eval = self.evaluate()
         if result.final_eval:
             metrics.log(self.step, result.final_eval)
@@ -578,3 +624,48 @@ class Trainer:
         plot_loss_curve(metrics.jsonl_path, out / "loss_curve.png")
         result.total_seconds = time.perf_counter() - start
         return result
+
+    def _check_step(self, stats: dict, recent: list[float], check: bool, spike: float) -> None:
+        """The divergence guard on the step just run (self.step): stop on a non-finite loss or gradient
+        norm before anything is saved; warn on a loss spike."""
+        loss, norm = float(stats["loss"].item()), float(stats["grad_norm"].item())
+        if check and not (math.isfinite(loss) and math.isfinite(norm)):
+            raise TrainingDiverged(
+                f"step {self.step}: loss {loss}, gradient norm {norm}; the run diverged and stopped without "
+                f"saving (the last checkpoint, if any, is untouched). Lower optimizer.learning_rate, keep "
+                f"max_grad_norm on, or set divergence.action=off to train on regardless")
+        if spike and len(recent) >= 5 and loss > spike * float(np.median(recent)):
+            self.log(f"warning: step {self.step}: loss {loss:.4g} is {loss / float(np.median(recent)):.1f}x the "
+                     f"median of the previous {len(recent)} steps (divergence.spike_factor {spike:g})")
+        recent.append(loss)
+        del recent[:-SPIKE_WINDOW]
+
+    def _after_step(self, cfg, metrics, result, pending, bar, lr, last: bool, window_start: float) -> None:
+        """Logging, evaluation and periodic saves after a step; clears `pending` when it logged."""
+        if self.step % cfg.logging_steps == 0 or last:
+            values = [(s, {k: v.item() for k, v in st.items()}, tok) for s, st, tok in pending]
+            elapsed = time.perf_counter() - window_start
+            n_tokens = sum(tok for _, _, tok in values)
+            loss = float(np.mean([v["loss"] for _, v, _ in values]))
+            record = {
+                "train/loss": loss,
+                "train/ppl": math.exp(min(loss, 50.0)),
+                "train/lr": lr,
+                "train/grad_norm": values[-1][1]["grad_norm"],
+                "train/loss_positions": float(np.mean([v["loss_positions"] for _, v, _ in values])),
+                "train/step_time": elapsed / len(values),
+                "train/tokens_per_s": n_tokens / max(elapsed, 1e-9),
+            }
+            for s, v, _ in values:
+                result.step_losses[s] = v["loss"]
+            metrics.log(self.step, record)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['train/tokens_per_s']:.0f}")
+            if bar.disable:  # no terminal (CI, a log file): a plain line per logging step instead
+                self.log(f"step {self.step}/{cfg.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
+                         f"grad_norm {record['train/grad_norm']:.3f}  step_time {record['train/step_time']:.3f}s  "
+                         f"tokens/s {record['train/tokens_per_s']:.0f}")
+            pending.clear()
+        if cfg.eval_steps and self.step % cfg.eval_steps == 0 and not last:
+            metrics.log(self.step, self.evaluate())
+        if cfg.save_steps and self.step % cfg.save_steps == 0 and not last:
+            self.save()

@@ -1,0 +1,112 @@
+"""Faults of a training run: divergence stops it without saving, loss spikes are logged, SIGTERM/SIGINT save
+and stop cleanly, and the unfinished folders of interrupted saves are removed on the next start."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from train import checkpoint as ckpt
+from train.config import ConfigError, load_config
+from train.trainer import Trainer, TrainingDiverged
+
+SMALL = ["global_batch_size=4", "data.block_size=64", "eval_max_batches=1", "logging_steps=1",
+         "lr_scheduler.warmup_steps=0", "generation.eval_exact_match_examples=0", "diffusion.full_mask_steps=0"]
+
+
+def _trainer(tmp_path, *extra, log=None):
+    return Trainer(load_config(SMALL + [f"output_dir={tmp_path / 'run'}", *extra]),
+                   log=(log.append if log is not None else (lambda *a, **k: None)))
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys, xla_device):
+    from safetensors.torch import load_file
+
+    from train.run import main
+
+    out = tmp_path / "run"
+    code = main(SMALL + ["optimizer.learning_rate=1e6", "max_grad_norm=0", "max_steps=30", "save_steps=1",
+                         "save_total_limit=null", f"output_dir={out}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 3 and "\n" not in err and err.startswith("error: step "), err
+    bad_step = int(err.split()[2].rstrip(":"))
+    kept = ckpt.list_checkpoints(out / "checkpoints")
+    # every step before the bad one was saved, and nothing at or after it
+    assert [int(p.name.split("-")[1]) for p in kept] == list(range(1, bad_step))
+    for path in kept:
+        weights = load_file(str(path / "model.safetensors"))
+        assert all(torch.isfinite(w).all() for w in weights.values()), path
+    if kept:
+        assert (out / "checkpoints" / "latest").read_text().strip() == kept[-1].name
+
+
+def test_divergence_guard_can_be_turned_off_and_rejects_bad_settings(tmp_path, xla_device):
+    trainer = _trainer(tmp_path, "optimizer.learning_rate=1e6", "max_grad_norm=0", "max_steps=6",
+                       "divergence.action=off")
+    result = trainer.fit()  # trains on; the non-finite loss is the user's choice
+    assert result.steps_done == 6 and not math.isfinite(result.step_losses[6])
+    for bad, key in [("divergence.action=skip_it", "divergence.action"), ("divergence.spike_factor=0.5",
+                                                                            "divergence.spike_factor")]:
+        with pytest.raises(ConfigError, match=key):
+            load_config([bad])
+
+
+def test_a_loss_spike_is_logged():
+    lines = []
+    owner = types.SimpleNamespace(step=12, log=lines.append)
+    recent = [1.0, 1.2, 0.9, 1.1, 1.0, 1.05]
+    stats = lambda loss: {"loss": torch.tensor(loss), "grad_norm": torch.tensor(1.0)}  # noqa: E731
+    Trainer._check_step(owner, stats(5.0), recent, True, 10.0)
+    assert lines == []
+    Trainer._check_step(owner, stats(40.0), recent, True, 10.0)
+    assert len(lines) == 1 and "step 12" in lines[0] and "median" in lines[0]
+    with pytest.raises(TrainingDiverged, match="step 12"):
+        Trainer._check_step(owner, {"loss": torch.tensor(1.0), "grad_norm": torch.tensor(float("inf"))},
+                            recent, True, 0.0)
+
+
+def test_stale_folders_of_interrupted_saves_are_removed_on_start(tmp_path, xla_device):
+    root = tmp_path / "run" / "checkpoints"
+    stale = root / ".step-00000005.x1y2"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    lines = []
+    trainer = _trainer(tmp_path, "max_steps=1", log=lines)
+    assert not stale.exists() and any("interrupted save" in line for line in lines)
+    assert trainer.fit().checkpoint == root / "step-00000001"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_finishes_the_step_saves_and_exits_cleanly(tmp_path, sig):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "train.run", *SMALL, "max_steps=100000", "eval_max_batches=0",
+                             f"output_dir={out}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # until a few steps have run
+        steps = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+        if steps and max(steps) >= 3:
+            break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the run did not get going")
+    proc.send_signal(getattr(signal, sig))
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert f"stopped early by {sig}" in stdout
+    latest = ckpt.resolve_checkpoint(out / "checkpoints", "latest")
+    step = int(latest.name.split("-")[1])
+    assert step >= 3 and f"{sig} at step {step}" in stdout
+    state = json.loads((latest / "trainer_state.json").read_text())
+    assert state["step"] == step
