@@ -138,3 +138,15 @@ def test_rolling_likelihood_and_generation_with_stop_sequences(model):
     out = model.generate_until([_Request("Upper it.\n\nabc=", {"until": ["B"], "max_gen_toks": 8}),
                                 _Request("Upper it.\n\nabc=", {"until": [], "max_gen_toks": 8})])
     assert "B" not in out[0] and out[1].startswith(out[0])
+
+
+def test_sampler_options_arrive_as_model_args(checkpoint):
+    from train.config import ConfigError
+    from train.lm_eval_model import PallasDLM
+
+    model = PallasDLM(pretrained=str(checkpoint), threshold="0.5", cache="dual", stop_at_eos="false",
+                      block_length="4", progress=False)
+    g = model.generation
+    assert (g.threshold, g.cache, g.stop_at_eos, g.block_length) == (0.5, "dual", False, 4)
+    with pytest.raises(ConfigError, match="generation.temprature: unknown key"):
+        PallasDLM(pretrained=str(checkpoint), temprature="0.5", progress=False)

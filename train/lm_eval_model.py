@@ -29,7 +29,7 @@ ours through the `pallas_dlm_lm_eval.pth` hook that `make install` puts in the e
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -86,8 +86,7 @@ class PallasDLM(LM):
         self.model, self.tokenizer, self.diffusion, base = _load(pretrained, self._device)
         self.max_length = int(max_length or self.model.config.max_position_embeddings)
         numeric = {k: _number(v) for k, v in sampler.items()}
-        self.generation = GenerationConfig.from_config(
-            {**{f.name: getattr(base, f.name) for f in _fields(base)}, **numeric})
+        self.generation = GenerationConfig.from_config({**asdict(base), **numeric})
         self.pretrained = str(pretrained)
 
     @property
@@ -265,12 +264,6 @@ def _number(value: Any) -> Any:
         except ValueError:
             pass
     return value
-
-
-def _fields(obj):
-    from dataclasses import fields
-
-    return fields(obj)
 
 
 def _bar(total: int, desc: str):
