@@ -58,6 +58,37 @@ def test_invalid_values_stop_with_one_line_naming_key_and_allowed(override, key,
     assert key in message and allowed in message
 
 
+@pytest.mark.parametrize("override, key, allowed", [
+    ("optimizer.learning_rate=-1e-3", "optimizer.learning_rate", "> 0"),
+    ("optimizer.learning_rate=abc", "optimizer.learning_rate", "'abc'"),
+    ("optimizer.learning_rate=nan", "optimizer.learning_rate", "nan"),
+    ("optimizer.betas=[1.5,0.9]", "optimizer.betas.0", "< 1"),
+    ("optimizer.betas=[0.9]", "optimizer.betas", "two numbers"),
+    ("optimizer.weight_decay=-1", "optimizer.weight_decay", ">= 0"),
+    ("data.block_size=0", "data.block_size", "integer >= 2"),
+    ("data.block_size=-8", "data.block_size", "integer >= 2"),
+    ("data.block_size=abc", "data.block_size", "'abc'"),
+    ("lr_scheduler.warmup_steps=-5", "lr_scheduler.warmup_steps", "non-negative integer"),
+    ("lr_scheduler.min_lr_ratio=5", "lr_scheduler.min_lr_ratio", "<= 1"),
+    ("max_grad_norm=-1", "max_grad_norm", "or null"),
+    ("seed=x", "seed", "integer"),
+    ("save_total_limit=0", "save_total_limit", "positive integer"),
+    ("generation.threshold=3", "generation.threshold", "(0, 1]"),
+    ("divergence.action=skip_it", "divergence.action", "stop, off"),
+])
+def test_every_value_is_checked_before_anything_is_built(override, key, allowed, capsys):
+    # load_config alone (nothing built) refuses it, and the command line says it in one line, exit 2
+    with pytest.raises(ConfigError) as info:
+        load_config([override])
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(key + ":") and allowed in message, message
+    from train.run import main
+
+    assert main([override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {message}"
+
+
 def test_unknown_key_is_one_line():
     with pytest.raises(ConfigError) as info:
         load_config(["no_such_key=3"])

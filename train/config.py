@@ -86,8 +86,65 @@ def _positive_int(cfg: DictConfig, key: str, allow_zero: bool = False) -> int:
     return value
 
 
+def _real(cfg: DictConfig, key: str, *, low: float | None = None, high: float | None = None,
+          low_open: bool = False, high_open: bool = False, allow_none: bool = False) -> None:
+    """A finite number within [low, high] (ends open where said); `abc`, nan and inf are refused."""
+    import math
+
+    value = OmegaConf.select(cfg, key)
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        allowed = " and ".join(x for x in (lo, hi) if x) or "finite"
+        raise ConfigError(f"{key}: must be a number {allowed}{' or null' if allow_none else ''}, got {value!r}")
+
+
+def _optimizer_and_schedule(cfg: DictConfig) -> None:
+    _real(cfg, "optimizer.learning_rate", low=0, low_open=True)
+    _real(cfg, "optimizer.weight_decay", low=0)
+    _real(cfg, "optimizer.eps", low=0, low_open=True)
+    betas = OmegaConf.select(cfg, "optimizer.betas")
+    if betas is not None:
+        values = list(betas) if OmegaConf.is_list(betas) or isinstance(betas, (list, tuple)) else None
+        if values is None or len(values) != 2:
+            raise ConfigError(f"optimizer.betas: must be two numbers in [0, 1), got {betas!r}")
+        for i in range(2):
+            _real(cfg, f"optimizer.betas.{i}", low=0, high=1, high_open=True)
+    _positive_int(cfg, "lr_scheduler.warmup_steps", allow_zero=True)
+    _real(cfg, "lr_scheduler.min_lr_ratio", low=0, high=1)
+    _real(cfg, "max_grad_norm", low=0, allow_none=True)
+    limit = cfg.get("save_total_limit")
+    if limit is not None:
+        _positive_int(cfg, "save_total_limit")
+    if cfg.get("eval_max_batches") is not None:
+        _positive_int(cfg, "eval_max_batches", allow_zero=True)
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed: must be an integer, got {seed!r}")
+
+
+def _data_and_generation(cfg: DictConfig) -> None:
+    """data/ and the sampler check their own keys; here their errors become ConfigErrors before anything
+    is built."""
+    from data import config as data_config
+    from train.generate import GenerationConfig
+
+    try:
+        data_config.normalize(cfg.data)
+    except ValueError as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
+    GenerationConfig.from_config(cfg.get("generation"))
+
+
 def validate(cfg: DictConfig) -> None:
-    """Check every enumerated or numeric key we own; data keys are checked again by data/ itself."""
+    """Check every enumerated or numeric key we own, and (through data/ and the sampler) theirs."""
     from model.config import get_preset  # model/ raises the one-line preset error itself
 
     _choice(cfg, "training_mode", TRAINING_MODES)
@@ -106,6 +163,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("max_steps", "save_steps", "eval_steps"):  # max_steps=0: import init_from into a checkpoint
         _positive_int(cfg, key, allow_zero=True)
     _divergence(cfg)
+    _optimizer_and_schedule(cfg)
+    _data_and_generation(cfg)
     for scope in ("ici_mesh", "dcn_mesh"):
         for axis in MESH_AXES:
             _positive_int(cfg, f"{scope}.{axis}")
