@@ -169,7 +169,14 @@ class HFTokenizer(Tokenizer):
     def __init__(self, name_or_path: str):
         from transformers import AddedToken, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        try:  # never the network: a hub name must already be in the local Hugging Face cache
+            tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+        except Exception as err:  # transformers fails in many ways (OSError, ValueError, AttributeError ...)
+            where = "a folder without a tokenizer" if os.path.isdir(name_or_path) else \
+                "not qwen3, byte, a local folder, or a tokenizer in the Hugging Face cache"
+            raise ValueError(f"tokenizer_name: {name_or_path!r} is {where} (nothing is downloaded: fetch it "
+                             f"first, e.g. `huggingface-cli download {name_or_path}`, or give its folder)"
+                             ) from err
         if MASK_TOKEN not in tok.get_vocab():
             tok.add_tokens([AddedToken(MASK_TOKEN, special=True, normalized=False)], special_tokens=True)
         self._tok = tok

@@ -343,3 +343,21 @@ def test_entry_points_run_malloc_on_huge_pages():
     assert run() == "glibc.malloc.hugetlb=1"
     assert run(GLIBC_TUNABLES="glibc.malloc.arena_max=2") == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
     assert run(PALLAS_DLM_HUGEPAGES="0") == ""
+
+
+def test_an_unknown_tokenizer_name_is_one_line_and_reaches_for_no_network(capsys, monkeypatch, tmp_path):
+    import socket
+
+    from train.run import main
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was reached for")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache
+    assert main(["tokenizer_name=no-such-org/no-such-tokenizer", "max_steps=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: tokenizer_name: 'no-such-org/no-such-tokenizer' is not qwen3")
+    (tmp_path / "empty").mkdir()
+    assert main([f"tokenizer_name={tmp_path / 'empty'}", "max_steps=1"]) == 2
+    assert "a folder without a tokenizer" in capsys.readouterr().err

@@ -38,8 +38,12 @@ def default_tokenizer_name(preset: str) -> str:
 
 def build_tokenizer(cfg: DictConfig):
     from data import load_tokenizer
+    from train.config import ConfigError
 
-    return load_tokenizer(cfg.tokenizer_name or default_tokenizer_name(cfg.model.preset))
+    try:
+        return load_tokenizer(cfg.tokenizer_name or default_tokenizer_name(cfg.model.preset))
+    except ValueError as err:  # a name that is not a tokenizer: one line, exit 2
+        raise ConfigError(str(err)) from None
 
 
 # Fields that change what a loaded model computes; an explicitly chosen preset must match them.
