@@ -147,7 +147,10 @@ def parse_bytes(data: bytes, display: str, suffix: str, text_field: str | None) 
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"not UTF-8 text (byte {e.start})", source=display) from None
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"not UTF-8 text: line {line}, byte {column} of the line "
+                        f"({data[e.start:e.start + 4]!r}, byte {e.start} of the file)", source=display) from None
     if suffix == ".json":
         yield from _parse_json_text(text, display)
     elif suffix == ".jsonl":

@@ -89,6 +89,14 @@ def test_csv_error_names_line(tmp_path, tok):
     assert str(path) in msg and "line 3" in msg and "field 'output'" in msg
 
 
+def test_non_utf8_bytes_name_their_line(tmp_path, tok):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps(GOOD).encode() + b"\n"
+    path.write_bytes(good * 2 + b'{"instruction": "caf\xe9", "output": "a"}\n' + good)
+    msg = raises(tok, str(path))
+    assert str(path) in msg and "not UTF-8 text: line 3, byte 21 of the line" in msg and "\n" not in msg
+
+
 def test_skip_counts_and_reports_every_bad_record(tmp_path, tok):
     path = write_lines(tmp_path / "mixed.jsonl", [
         GOOD, "{broken", {"instruction": "q"}, GOOD, {"instruction": "q", "output": 1}, GOOD])
