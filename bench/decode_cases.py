@@ -59,7 +59,7 @@ def demo_decode(spec: dict, device) -> Case:
     from data import load_eval_examples
     from train.evaluate import exact_match
     from train.generate import load_for_inference
-    from train.trainer import autocast_context
+    from train.build import autocast_context
 
     loaded = load_for_inference(spec["checkpoint"], device)
     examples = load_eval_examples(loaded.cfg.data, loaded.tokenizer, max_examples=int(spec["examples"]))

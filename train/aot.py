@@ -107,7 +107,7 @@ def _placeholder(shape, dtype) -> torch.Tensor:
 def _placeholder_model(cfg: DictConfig, tokenizer):
     """The configured model with every parameter a placeholder on the XLA device (built on the meta device:
     an 8B model's weights never exist here)."""
-    from train.trainer import build_model
+    from train.build import build_model
 
     with torch.device("meta"):
         model = build_model(cfg, tokenizer)
@@ -358,7 +358,7 @@ def compile_step(cfg: DictConfig, topology: str, *, count_flops: bool = True, lo
     (train.run does this for compile_only=)."""
     from train import runtime, sharding
     from train.config import check_batch_and_mesh
-    from train.trainer import build_tokenizer, resolve_hf_init
+    from train.build import build_tokenizer, resolve_hf_init
 
     chip, grid = ktpu.parse_topology(topology)
     chips = ktpu.topology_chips(grid)
@@ -388,7 +388,7 @@ def compile_step(cfg: DictConfig, topology: str, *, count_flops: bool = True, lo
 def _per_layer_cost(cfg, tokenizer, mesh, topo, chip, chips, executable, log) -> tuple[float, float]:
     """Compiled FLOPs and bytes per chip with every layer counted: as compiled when the layers are unrolled;
     with scan_layers (XLA counts a loop body once) from the same step unrolled at one and two layers."""
-    from train.trainer import model_config
+    from train.build import model_config
 
     flops, nbytes = _cost(executable)
     if cfg.model.get("remat", {}).get("scan_layers") is None:
@@ -411,7 +411,7 @@ def model_flops(cfg: DictConfig, tokenizer) -> float:
     """Model FLOPs of one step (all chips): 6 x matmul parameters x tokens (the decoder's weights and the LM
     head; the embedding lookup is no matmul) plus attention's 12 x layers x query width x sequence length
     per token (bidirectional: every pair of the row)."""
-    from train.trainer import model_config
+    from train.build import model_config
 
     c = model_config(cfg, tokenizer)
     tokens = int(cfg.global_batch_size) * int(cfg.data.block_size)

@@ -4,7 +4,7 @@
 `python -m train.evaluate --lm-eval --model_args pretrained=<checkpoint> --tasks ... [lm_eval arguments]`
 
 - Held-out loss: the training objective on the held-out batches at a fixed grid of t with fixed noise
-  (`train.trainer.heldout_loss`), so the number is deterministic and comparable across runs and with
+  (`heldout_loss`), so the number is deterministic and comparable across runs and with
   the trainer's own `eval/loss` for the same data and batch size.
 - Exact match: each held-out SFT example's prompt (the conversation up to the last assistant turn, in
   the run's chat template) is decoded with the diffusion sampler; an answer counts when, cut at the
@@ -24,7 +24,48 @@ import json
 import sys
 from typing import Any, Callable, Sequence
 
+import torch
+
 from train.generate import GenerationConfig, generate
+
+EVAL_T_GRID = 8          # held-out loss: midpoint quadrature over t in (eps, 1) with this many points
+EVAL_NOISE_SEED = 20251  # fixed, so held-out losses are comparable across runs and checkpoints
+
+
+@torch.no_grad()
+def heldout_loss(model, eval_batches, diff_cfg, device, *, autocast=contextlib.nullcontext) -> dict[str, float]:
+    """The training objective on held-out batches at a fixed grid of t, with fixed noise.
+
+    eval/loss is the mean over batches and t of the loss as trained (1/t weights, `loss_norm`), a
+    deterministic quadrature of the expected training loss; eval/masked_ce is the plain cross-entropy per
+    masked token over the same draws.
+    """
+    from model.diffusion import diffusion_loss
+    from train import runtime
+    from train.build import batch_to_device, noise_generator
+
+    if not eval_batches:
+        return {}
+    eps = diff_cfg.sampling_eps
+    grid = [eps + (1.0 - eps) * (j + 0.5) / EVAL_T_GRID for j in range(EVAL_T_GRID)]
+    losses, ce_sums, counts = [], [], []
+    for b, batch in enumerate(eval_batches):
+        dev_batch = batch_to_device(batch, device)
+        rows, length = batch["input_ids"].shape
+        for j, t_value in enumerate(grid):
+            gen = noise_generator(EVAL_NOISE_SEED, b, j)
+            u = torch.rand(rows, length, generator=gen)
+            t = torch.full((rows,), t_value)
+            with autocast():
+                loss, stats = diffusion_loss(model, dev_batch, t.to(device), u.to(device), diff_cfg)
+            losses.append(loss)
+            ce_sums.append(stats["loss_sum"] * t_value)  # t is constant here: undo the 1/t weight
+            counts.append(stats["num_loss_positions"])
+        runtime.sync()
+    loss = torch.stack(losses).float().mean().item()
+    count = torch.stack(counts).float().sum().item()
+    ce = torch.stack(ce_sums).float().sum().item() / max(count, 1.0)
+    return {"eval/loss": loss, "eval/masked_ce": ce, "eval/loss_positions": count}
 
 
 def exact_match(model, tokenizer, examples: Sequence[tuple[Sequence[int], str]], gen_cfg: GenerationConfig,
@@ -167,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     from data import DataError, build_eval_batches, load_eval_examples
     from train.checkpoint import CheckpointError
     from train.config import ConfigError
-    from train.trainer import autocast_context, heldout_loss
+    from train.build import autocast_context
 
     try:
         if args.max_examples is not None and args.max_examples < 1:

@@ -232,7 +232,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, dtype: tor
     from model.hf import DEFAULT_MAX_SHARD_BYTES, check_state_dict, save_hf_model
     from train import checkpoint as ckpt
     from train.generate import find_checkpoint
-    from train.trainer import build_tokenizer, diffusion_config, model_config
+    from train.build import build_tokenizer, diffusion_config, model_config
 
     found = find_checkpoint(checkpoint)
     out = Path(out_dir).resolve()

@@ -620,7 +620,7 @@ def load_for_inference(path: str | Path, device=None) -> Loaded:
 
     from train import checkpoint as ckpt
     from train import runtime
-    from train.trainer import build_model, build_tokenizer, diffusion_config
+    from train.build import build_model, build_tokenizer, diffusion_config
 
     device = device or runtime.xla_device()
     found = find_checkpoint(path)
@@ -732,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime.xla_device()  # before any autograd (DESIGN.md section 6)
     from train.checkpoint import CheckpointError
     from train.config import ConfigError
-    from train.trainer import autocast_context
+    from train.build import autocast_context
 
     try:
         prompts = args.prompt if args.prompt else read_prompts_file(args.prompts_file)
