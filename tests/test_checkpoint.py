@@ -49,7 +49,8 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(ckpt.torch, "save", crash)  # dies after the weights, before the state file
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(ckpt.CheckpointError, match=r"saving step 2 failed \(disk full \(simulated\)\); "
+                                                   r"the previous checkpoint step-00000001 is kept"):
         ckpt.save_checkpoint(tmp_path, 2, model, opt, {"marker": "second"})
     monkeypatch.undo()
     assert ckpt.resolve_checkpoint(tmp_path, "latest") == first

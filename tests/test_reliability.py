@@ -110,3 +110,35 @@ def test_a_signal_finishes_the_step_saves_and_exits_cleanly(tmp_path, sig):
     assert step >= 3 and f"{sig} at step {step}" in stdout
     state = json.loads((latest / "trainer_state.json").read_text())
     assert state["step"] == step
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_line_before_anything_is_built(tmp_path, capsys):
+    from train.run import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(SMALL + ["max_steps=1", f"output_dir={blocker / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"error: output_dir: cannot write to {blocker / 'run'}"), err
+
+
+def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, xla_device):
+    # a disk that fills up at the second save: the first checkpoint stays latest, no temp folder is left
+    import errno
+
+    trainer = _trainer(tmp_path, "max_steps=1")
+    first = trainer.save()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    trainer.step = 2
+    with pytest.raises(ckpt.CheckpointError) as info:
+        trainer.save()
+    message = str(info.value)
+    assert "\n" not in message and "saving step 2 failed (No space left on device)" in message
+    assert f"the previous checkpoint {first.name} is kept" in message
+    root = first.parent
+    assert (root / "latest").read_text().strip() == first.name
+    assert [p.name for p in root.iterdir() if p.name.startswith(".step-")] == []

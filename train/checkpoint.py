@@ -91,11 +91,26 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: torch.nn.Modu
         if final.exists():  # re-saving the same step (e.g. the end of a resumed run): replace it whole
             shutil.rmtree(final)
         os.rename(tmp, final)
+    except Exception as err:  # a full disk, a folder gone read-only (safetensors and torch.save raise their own
+        # types for an OSError underneath): one line, and the previous checkpoint stays `latest`
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = _latest_name(root)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else (str(err).splitlines() or [""])[0]
+        raise CheckpointError(f"{root}: saving step {step} failed ({reason or type(err).__name__}); "
+                              f"{'the previous checkpoint ' + kept + ' is kept' if kept else 'no checkpoint yet'}"
+                              ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _point_latest(root, final, keep)
     return final
+
+
+def _latest_name(root: Path) -> str | None:
+    try:
+        return (root / "latest").read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _point_latest(root: Path, final: Path, keep: int | None) -> None:

@@ -264,3 +264,18 @@ def check_batch_and_mesh(cfg: DictConfig, device_count: int) -> int:
 
 def checkpoint_dir(cfg: DictConfig) -> str:
     return cfg.checkpoint_dir or os.path.join(cfg.output_dir, "checkpoints")
+
+
+def check_writable(cfg: DictConfig) -> None:
+    """output_dir and the checkpoint folder exist (created) and take a file: known before anything is
+    built, so a run does not train for hours to fail at its first save. A full disk can only show at a
+    save (train/checkpoint.py reports it)."""
+    for key, path in (("output_dir", cfg.output_dir), ("checkpoint_dir", checkpoint_dir(cfg))):
+        probe = Path(path) / f".write-test-{os.getpid()}"
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            raise ConfigError(f"{key}: cannot write to {path} ({reason})") from None

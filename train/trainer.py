@@ -24,7 +24,7 @@ from train import runtime, sharding
 from train.build import (  # noqa: F401  (re-exported: the names other modules and tests know)
     ARCHITECTURE_FIELDS, autocast_context, batch_to_device, build_model, build_tokenizer, default_tokenizer_name,
     diffusion_config, hf_init_dir, model_config, noise_generator, resolve_hf_init, resolve_shift_logits)
-from train.config import check_batch_and_mesh, checkpoint_dir
+from train.config import check_batch_and_mesh, check_writable, checkpoint_dir
 from train.evaluate import heldout_loss  # noqa: F401  (re-exported)
 from train.metrics import MetricsLogger, plot_loss_curve
 from train.optim import build_optimizer, build_scheduler, init_optimizer_state
@@ -143,6 +143,7 @@ class Trainer:
 
         self.cfg = cfg
         self.log = log
+        check_writable(cfg)
         self.micro_rows = check_batch_and_mesh(cfg, runtime.device_count())
         # A mesh of several devices: SPMD (train/sharding.py), switched on before the device exists.
         self.mesh = sharding.setup_mesh(cfg)
