@@ -21,6 +21,16 @@ from __future__ import annotations
 import torch
 
 
+class _LayerSlot:
+    """Layer i's view of a KVRecorder or KVWindow: what that layer's attention is handed as `kv`."""
+
+    def __init__(self, owner, i: int):
+        self.owner, self.i = owner, i
+
+    def attend(self, attention, q, k, v, segment_ids):
+        return self.owner.attend(self.i, attention, q, k, v, segment_ids)
+
+
 class KVRecorder:
     """Passed to the model's forward: each layer's attention stores its (k, v) [B, Hkv, L, D] here
     (after the per-head norm and RoPE: what a later query reads) and attends as usual."""
@@ -29,16 +39,11 @@ class KVRecorder:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
 
-    def layer(self, i: int) -> "_LayerSlot":
+    def layer(self, i: int) -> _LayerSlot:
         return _LayerSlot(self, i)
 
-
-class _LayerSlot:
-    def __init__(self, owner: KVRecorder, i: int):
-        self.owner, self.i = owner, i
-
-    def attend(self, attention, q, k, v, segment_ids):
-        self.owner.keys[self.i], self.owner.values[self.i] = k, v
+    def attend(self, i: int, attention, q, k, v, segment_ids):
+        self.keys[i], self.values[i] = k, v
         return attention.attend(q, k, v, segment_ids)
 
 
@@ -54,19 +59,13 @@ class KVWindow:
         self.segment_ids = segment_ids.to(torch.int32)
         self.index = index
 
-    def layer(self, i: int) -> "_WindowSlot":
-        return _WindowSlot(self, i)
+    def layer(self, i: int) -> _LayerSlot:
+        return _LayerSlot(self, i)
 
-
-class _WindowSlot:
-    def __init__(self, owner: KVWindow, i: int):
-        self.owner, self.i = owner, i
-
-    def attend(self, attention, q, k, v, segment_ids):
-        w = self.owner
-        keys = w.keys[self.i].index_copy(2, w.index, k.to(w.keys[self.i].dtype))
-        values = w.values[self.i].index_copy(2, w.index, v.to(w.values[self.i].dtype))
-        return window_attention(q, keys, values, segment_ids, w.segment_ids, w.index,
+    def attend(self, i: int, attention, q, k, v, segment_ids):
+        keys = self.keys[i].index_copy(2, self.index, k.to(self.keys[i].dtype))
+        values = self.values[i].index_copy(2, self.index, v.to(self.values[i].dtype))
+        return window_attention(q, keys, values, segment_ids, self.segment_ids, self.index,
                                 causal=attention.causal, sm_scale=attention.head_dim ** -0.5)
 
 

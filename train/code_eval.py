@@ -166,8 +166,9 @@ def _mbpp_problem(record: dict, where: str) -> Problem:
 # ---- completions -----------------------------------------------------------------------------------
 
 def truncate_completion(text: str, stop: Iterable[str] = HUMANEVAL_STOP) -> str:
-    """`text` up to the first occurrence of any stop string (all of it when there is none)."""
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    """`text` up to the first occurrence of any stop string (all of it when there is none); an empty
+    stop string stops nothing. lm-eval's `until` sequences are cut here too (train/lm_eval_model.py)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
     return text[:cut]
 
 

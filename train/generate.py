@@ -553,7 +553,7 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], cfg: Generation
     counts: dict = {}
     tokens = 0
     began = time.perf_counter()
-    bar = _progress_bar(len(prompts)) if progress else None
+    bar = progress_bar(len(prompts)) if progress else None
     for i in range(0, len(prompts), rows):
         chunk = prompts[i:i + rows]
         region = generate_ids(model, chunk, cfg, mask_id=diffusion.mask_token_id, pad_id=tokenizer.pad_id,
@@ -574,13 +574,13 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], cfg: Generation
     return answers
 
 
-def _progress_bar(total: int):
-    """A tqdm bar over prompts on a terminal; None elsewhere (logs get the summary line only)."""
+def progress_bar(total: int, *, unit: str = "prompt", desc: str | None = None):
+    """A tqdm bar on stderr when it is a terminal; None elsewhere (logs get a summary line only)."""
     if not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="prompt", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------

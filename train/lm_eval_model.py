@@ -28,7 +28,6 @@ ours through the `pallas_dlm_lm_eval.pth` hook that `make install` puts in the e
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,6 +36,9 @@ import numpy as np
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+
+from train.code_eval import truncate_completion
+from train.generate import progress_bar
 
 # Sequence lengths and masked counts are rounded up to these multiples, so XLA compiles one scoring
 # graph per bucket instead of one per request.
@@ -151,7 +153,7 @@ class PallasDLM(LM):
             rows.append(_Scored(i, tokens, list(range(first, first + n)), 0.0))
         nll = np.zeros(len(pairs))
         greedy = [True] * len(pairs)
-        bar = _bar(len(pairs), desc) if self.progress else None
+        bar = progress_bar(len(pairs), unit="request", desc=desc) if self.progress else None
         order = sorted(range(len(rows)), key=lambda r: len(rows[r].tokens))  # similar lengths batch together
         for start in range(0, len(order), self.batch_size):
             chunk = [rows[r] for r in order[start:start + self.batch_size]]
@@ -231,18 +233,8 @@ class PallasDLM(LM):
             texts = generate(self.model, self.tokenizer, prompts, cfg, diffusion=self.diffusion, device=self._device,
                              progress=self.progress)
             for i, text in zip(members, texts):
-                out[i] = cut_at_sequences(text, until)
+                out[i] = truncate_completion(text, until)
         return [t or "" for t in out]
-
-
-def cut_at_sequences(text: str, stops: Sequence[str]) -> str:
-    """The text before the earliest occurrence of any stop sequence."""
-    cut = len(text)
-    for stop in stops:
-        at = text.find(stop) if stop else -1
-        if at >= 0:
-            cut = min(cut, at)
-    return text[:cut]
 
 
 def _freeze(kwargs: dict) -> tuple:
@@ -264,12 +256,6 @@ def _number(value: Any) -> Any:
         except ValueError:
             pass
     return value
-
-
-def _bar(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not sys.stderr.isatty())
 
 
 def _load(pretrained: str, device):

@@ -321,7 +321,8 @@ class Trainer:
                  f"tokenizer {self.tokenizer.name}, device {runtime.device_kind()} ({sharding.describe(self.mesh)}), "
                  f"{cfg.global_batch_size} rows x {cfg.data.block_size} tokens per step")
         result = RunResult(steps_done=self.step, output_dir=out)
-        result.initial_eval = self.evaluate() if int(cfg.max_steps) > 0 else {}
+        trained = int(cfg.max_steps) > 0  # max_steps=0 is an import: nothing trained, nothing to evaluate
+        result.initial_eval = self.evaluate() if trained else {}
         if result.initial_eval:
             metrics.log(self.step, result.initial_eval)
         if "eval/loss" in result.initial_eval:
@@ -356,29 +357,21 @@ class Trainer:
                     window_start = time.perf_counter()
         bar.close()
         result.train_seconds = time.perf_counter() - train_start
-        if signals.received is not None:
-            result.stopped_by = signals.received
-            self.log(f"{signals.received} at step {self.step}: saving a checkpoint and stopping")
-            result.checkpoint = self.save()
-            result.steps_done = self.step
-            metrics.close()
-            plot_loss_curve(metrics.jsonl_path, out / "loss_curve.png")
-            result.total_seconds = time.perf_counter() - start
-            return result
-        if int(cfg.max_steps) == 0:  # an import: the initial weights as a checkpoint, nothing evaluated twice
-            result.checkpoint = self.save()
-            self.log(f"max_steps=0: wrote {result.checkpoint} (the initial weights)")
-            metrics.close()
-            result.total_seconds = time.perf_counter() - start
-            return result
-        result.final_eval = self.evaluate()
-        if result.final_eval:
-            metrics.log(self.step, result.final_eval)
-        self._report_exact_match(result.initial_eval, result.final_eval)
+        result.stopped_by = signals.received
+        if result.stopped_by is not None:
+            self.log(f"{result.stopped_by} at step {self.step}: saving a checkpoint and stopping")
+        elif trained:
+            result.final_eval = self.evaluate()
+            if result.final_eval:
+                metrics.log(self.step, result.final_eval)
+            self._report_exact_match(result.initial_eval, result.final_eval)
         result.checkpoint = self.save()
+        if not trained:
+            self.log(f"max_steps=0: wrote {result.checkpoint} (the initial weights)")
         result.steps_done = self.step
         metrics.close()
-        plot_loss_curve(metrics.jsonl_path, out / "loss_curve.png")
+        if trained:
+            plot_loss_curve(metrics.jsonl_path, out / "loss_curve.png")
         result.total_seconds = time.perf_counter() - start
         return result
 
