@@ -1,22 +1,40 @@
 """Chat templates: messages -> token ids + `src_mask`, and the generation prompt.
 
-The rendering is tokenised piece by piece (special tokens inserted by id, each text piece encoded on its
-own) and the pieces concatenated, so every token knows which span it came from: masks come from the
-spans, never from re-tokenising substrings. `render_prompt` uses the same renderer, so a prompt for
-generation is exactly the prefix of a training example up to its response content.
+The rendering is tokenised piece by piece (special tokens inserted by id, the text between two of them
+encoded as one piece, as Hugging Face's tokenizer encodes a rendered template, except where a span
+starts: after "assistant\\n" and after a think block) and the pieces concatenated, so every token knows
+which span it came from: masks come from the spans, never from re-tokenising substrings. `render_prompt`
+uses the same renderer, so a prompt for generation is exactly the prefix of a training example up to its
+response content.
 
 qwen3 (Qwen3's own chat template with thinking off):
     <|im_start|>{role}\\n{content}<|im_end|>\\n                    system / user turns
-    <|im_start|>assistant\\n{content}<|im_end|>\\n                 every other assistant turn
-    <|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n{content}<|im_end|>\\n   the final assistant turn
+    <|im_start|>assistant\\n{content}{calls}<|im_end|>\\n          every other assistant turn
+    <|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n{content}{calls}<|im_end|>\\n
+        the final assistant turn, when it comes after the last user query (tool results are no query)
     <|im_start|>user\\n<tool_response>\\n{content}\\n</tool_response><|im_end|>\\n   tool results
+        (consecutive results share one user turn, joined by \\n)
+    {calls}: each tool call as \\n<tool_call>\\n{"name": "...", "arguments": {...}}\\n</tool_call>
+        (no \\n before the first when the content is empty)
+    tools: the system turn becomes <|im_start|>system\\n{system content}\\n\\n# Tools ... <tools>
+        one JSON schema a line </tools> ...<|im_end|>\\n (without "{system content}\\n\\n" when the
+        conversation does not open with a system message)
 separator (the seed's):  {system}\\n\\n{user}{separator}{assistant}<eos>{user}{separator}{assistant}<eos>
+    tools: <tools>\\n{one JSON schema a line}\\n</tools> as a prompt piece after the leading system
+    message; tool calls as in qwen3 after the content; tool results as <tool_response>\\n{content}\\n
+    </tool_response> prompt pieces.
 auto: qwen3 with Qwen3 / Hugging Face tokenizers; separator with "=" for the byte-level tokenizer.
-Maskable (src_mask False): each trained assistant turn's content and its closing <|im_end|> (or EOS).
+<tool_call>, </tool_call>, <tool_response>, </tool_response> are inserted by id where the tokenizer has
+them (qwen3 and byte do), as text otherwise; the same strings inside message content always stay text.
+Maskable (src_mask False): each trained assistant turn's content, its tool calls and its closing
+<|im_end|> (or EOS). Tool results, the tools block, think blocks and all template tokens are prompt.
+Tools travel as a `tools` list on any message (formats put the record's on the first one), so they
+survive `include_system_prompt: false`.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +77,22 @@ class _Builder:
         if s:
             self.add(self.tok.encode(s), trainable=trainable)
 
+    def parts(self, parts: Sequence[int | str], *, trainable: bool = False) -> None:
+        """Token ids (ints) and text (strs); adjacent texts are joined and encoded as one piece."""
+        ids: list[int] = []
+        run: list[str] = []
+        for p in parts:
+            if isinstance(p, str):
+                run.append(p)
+                continue
+            if run:
+                ids += self.tok.encode("".join(run))
+                run = []
+            ids.append(p)
+        if run:
+            ids += self.tok.encode("".join(run))
+        self.add(ids, trainable=trainable)
+
     def position(self) -> int:
         return len(self.ids)
 
@@ -90,54 +124,133 @@ def _visible(messages: Sequence[Mapping[str, Any]], sft: Mapping) -> list[Mappin
     return [m for m in messages if m["role"] != "system"]
 
 
-def _render_qwen3(b: _Builder, msgs: Sequence[Mapping[str, Any]], trained: set[int]) -> None:
+def _tools_of(messages: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """The conversation's tool schemas: the first non-empty `tools` list any message carries."""
+    for m in messages:
+        tools = m.get("tools")
+        if tools:
+            return list(tools)
+    return []
+
+
+def _marker(tok: Tokenizer, name: str) -> int | str:
+    """A tool marker (`<tool_call>` ...) as its id, or as text where the tokenizer lacks it."""
+    return tok.special_ids.get(name, name)
+
+
+# Qwen3's chat template: the system text announcing the tools, around the schemas (one JSON a line).
+QWEN3_TOOLS_INTRO = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+
+
+def _qwen3_tools_parts(tok: Tokenizer, tools: Sequence[Any]) -> list[int | str]:
+    call, end_call = _marker(tok, "<tool_call>"), _marker(tok, "</tool_call>")
+    return [QWEN3_TOOLS_INTRO, *("\n" + json.dumps(t, ensure_ascii=False) for t in tools),
+            "\n</tools>\n\nFor each function call, return a json object with function name and arguments within ",
+            call, end_call, " XML tags:\n", call, '\n{"name": <function-name>, "arguments": <args-json-object>}\n',
+            end_call]
+
+
+def _calls_parts(tok: Tokenizer, m: Mapping[str, Any], content: str) -> list[int | str]:
+    """An assistant message's tool calls as Qwen3 writes them after the content. Takes the normalised
+    {name, arguments} and OpenAI's {"function": {...}}; `arguments` text is written verbatim."""
+    out: list[int | str] = []
+    for j, call in enumerate(m.get("tool_calls") or ()):
+        fn = call.get("function") or call
+        args = fn["arguments"]
+        if j > 0 or content:
+            out.append("\n")
+        args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+        out += [_marker(tok, "<tool_call>"), f'\n{{"name": "{fn["name"]}", "arguments": {args}}}\n',
+                _marker(tok, "</tool_call>")]
+    return out
+
+
+def _last_query(msgs: Sequence[Mapping[str, Any]]) -> int:
+    """Index of the last user message that is not a tool result in disguise; len - 1 when none (as in
+    Qwen3's template: then no assistant turn gets a think block)."""
+    for i in range(len(msgs) - 1, -1, -1):
+        content = msgs[i].get("content") or ""
+        if msgs[i]["role"] == "user" and not (content.startswith("<tool_response>")
+                                              and content.endswith("</tool_response>")):
+            return i
+    return len(msgs) - 1
+
+
+def _render_qwen3(b: _Builder, msgs: Sequence[Mapping[str, Any]], trained: set[int], tools: Sequence[Any]) -> None:
     tok, c = b.tok, b.const
     _require_chat_tokens(tok)
-    last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=-1)
+    last_query = _last_query(msgs)
     think = c.get("think")
-    tool_open, tool_close = tok.special_ids.get("<tool_response>"), tok.special_ids.get("</tool_response>")
     n = len(msgs)
+    merged_system = bool(tools) and n > 0 and msgs[0]["role"] == "system"
+    if tools:
+        # Qwen3 announces the tools in the system turn, after the conversation's opening system message.
+        head = [(msgs[0].get("content") or "") + "\n\n"] if merged_system else []
+        b.parts([tok.im_start_id, "system\n", *head, *_qwen3_tools_parts(tok, tools), *c["end_nl"]])
     for i, m in enumerate(msgs):
-        role, content = m["role"], m["content"]
+        role = m["role"]
+        content = m.get("content") or ""
         if role == "assistant":
             b.add(c["assistant"])
-            # Qwen3 (thinking off) gives the final assistant turn after the last user turn an empty
-            # think block; it is part of the prompt.
-            if think and i == n - 1 and i > last_user:
+            shown = content
+            # Qwen3 (thinking off) gives the final assistant turn after the last user query an empty
+            # think block (prompt) and strips the newlines that open its content.
+            if think and i == n - 1 and i > last_query:
                 b.add(think)
+                shown = content.lstrip("\n")
             start = b.position()
-            train = i in trained
-            b.add(tok.encode(content) + [tok.im_end_id], trainable=train)
+            b.parts([shown, *_calls_parts(tok, m, content), tok.im_end_id], trainable=i in trained)
             b.out.assistant_spans.append((start, b.position()))
             b.add(c["nl"])
         elif role == "tool":
             # Qwen3 wraps tool results in a user turn; consecutive results share one turn.
+            parts: list[int | str] = []
             if i == 0 or msgs[i - 1]["role"] != "tool":
-                b.add(c["tool_head"])
-            if tool_open is not None and tool_close is not None:
-                b.add([*c["nl"], tool_open, *tok.encode(f"\n{content}\n"), tool_close])
-            else:
-                b.text(f"\n{content}")
+                parts += [tok.im_start_id, "user"]
+            parts += ["\n", _marker(tok, "<tool_response>"), f"\n{content}\n", _marker(tok, "</tool_response>")]
             if i == n - 1 or msgs[i + 1]["role"] != "tool":
-                b.add(c["end_nl"])
+                parts += c["end_nl"]
+            b.parts(parts)
+        elif i == 0 and merged_system:
+            continue
         else:  # system, user
             b.add([tok.im_start_id, *tok.encode(f"{role}\n{content}"), *c["end_nl"]])
 
 
-def _render_separator(b: _Builder, msgs: Sequence[Mapping[str, Any]], trained: set[int], sep: str) -> None:
+def _render_separator(b: _Builder, msgs: Sequence[Mapping[str, Any]], trained: set[int], sep: str,
+                      tools: Sequence[Any]) -> None:
     # The seed's format: non-assistant messages joined by blank lines, then the separator, the answer
     # and EOS. The separator belongs to the assistant turn (as prompt), so a prompt ends with it.
+    tok = b.tok
+    joined = False  # whether the next prompt piece follows another one (and so a blank line)
+
+    def prompt_piece(parts: list[int | str]) -> None:
+        nonlocal joined
+        if joined:
+            b.add(b.const["blank"])
+        b.parts(parts)
+        joined = True
+
+    # Tools: one prompt piece after the leading system message (or first of all), as Qwen3 places them.
+    tools_at = 1 if msgs and msgs[0]["role"] == "system" else 0
+    tools_text = "<tools>\n" + "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in tools) + "</tools>"
     for i, m in enumerate(msgs):
-        role, content = m["role"], m["content"]
+        if tools and i == tools_at:
+            prompt_piece([tools_text])
+        role, content = m["role"], m.get("content") or ""
         if role == "assistant":
             b.text(sep)
             start = b.position()
-            b.add(b.tok.encode(content) + [b.tok.eos_id], trainable=i in trained)
+            b.parts([content, *_calls_parts(tok, m, content), tok.eos_id], trainable=i in trained)
             b.out.assistant_spans.append((start, b.position()))
+            joined = False
+        elif role == "tool":
+            prompt_piece([_marker(tok, "<tool_response>"), f"\n{content}\n", _marker(tok, "</tool_response>")])
         else:
-            if i > 0 and msgs[i - 1]["role"] != "assistant":
-                b.add(b.const["blank"])
-            b.text(content)
+            prompt_piece([content])
+    if tools and tools_at >= len(msgs):
+        prompt_piece([tools_text])
 
 
 # template=auto with the byte-level tokenizer: the separator format as `prompt=answer<eos>`. A model trained
@@ -158,13 +271,14 @@ def resolve_template(sft: Mapping, tok: Tokenizer) -> tuple[str, str]:
     return template, separator
 
 
-def _render(tok: Tokenizer, msgs: Sequence[Mapping[str, Any]], sft: Mapping, trained: set[int]) -> _Builder:
+def _render(tok: Tokenizer, msgs: Sequence[Mapping[str, Any]], sft: Mapping, trained: set[int],
+            tools: Sequence[Any]) -> _Builder:
     b = _Builder(tok)
     template, separator = resolve_template(sft, tok)
     if template == "qwen3":
-        _render_qwen3(b, msgs, trained)
+        _render_qwen3(b, msgs, trained, tools)
     else:
-        _render_separator(b, msgs, trained, separator)
+        _render_separator(b, msgs, trained, separator, tools)
     return b
 
 
@@ -181,7 +295,7 @@ def render_example(messages: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, 
         return Rendered()
     msgs = msgs[: assistant[-1] + 1]
     trained = set(assistant) if sft["train_on"] == "all_assistant" else {assistant[-1]}
-    return _render(tokenizer, msgs, sft, trained).out
+    return _render(tokenizer, msgs, sft, trained, _tools_of(messages)).out
 
 
 def pad_final_response(r: Rendered, target: int, pad_id: int, max_length: int) -> Rendered:
@@ -209,7 +323,7 @@ def render_prompt(messages: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, s
     assistant turn's content starts (qwen3: `...<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n`)."""
     sft = sft_section(sft_cfg)
     msgs = _visible(messages, sft)
-    b = _render(tokenizer, msgs, sft, set())
+    b = _render(tokenizer, msgs, sft, set(), _tools_of(messages))
     template, separator = resolve_template(sft, tokenizer)
     if template == "qwen3":
         _require_chat_tokens(tokenizer)
