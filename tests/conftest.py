@@ -22,6 +22,12 @@ if os.environ["PJRT_DEVICE"].upper() != "TPU":
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_backend_optimization_level=0").strip()
+# The whole suite is one process, and every compiled XLA:CPU executable holds ~6 memory maps (JAX's ~3):
+# torch_xla keeps 1,024 graphs by default, and the suite compiles more than ten thousand, so the process
+# reached Linux's 65,530-map limit (vm.max_map_count) and died inside XLA (SIGSEGV/SIGABRT in a late
+# test). Keep fewer graphs (no test needs more than a few dozen alive); JAX's caches are cleared per
+# module below.
+os.environ.setdefault("XLA_COMPILATION_CACHE_SIZE", "128")
 
 # torch_xla is a pinned dependency: a broken install must fail the suite, not skip it.
 import torch_xla  # noqa: E402
@@ -32,6 +38,15 @@ _XLA_DEVICE = torch_xla.device()
 def pytest_addoption(parser):
     parser.addoption("--tpu-full", action="store_true", default=False,
                      help="tests/test_tpu_compile.py: compile the whole matrix (make tpu-check), not its CI subset")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_jax_executables():
+    """After each test module: drop JAX's compiled executables (see XLA_COMPILATION_CACHE_SIZE above)."""
+    yield
+    import jax
+
+    jax.clear_caches()
 
 
 @pytest.fixture(scope="session")
