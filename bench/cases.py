@@ -52,7 +52,17 @@ def attention(spec: dict, device) -> Case:
     q, k, v, do = (torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype).to(device)
                    for shape in ((b, hq, length, d), (b, hkv, length, d), (b, hkv, length, d),
                                  (b, hq, length, d)))
-    seg_np = segments(b, length, int(spec["segments"]))
+    bd_block = int(spec.get("block_diffusion") or 0)
+    if bd_block:  # bd3lm's layout: the noised then the clean copy of one example per row, L = 2 x row
+        from model.diffusion import block_ids
+
+        half = length // 2
+        pos = torch.arange(half, dtype=torch.int32).expand(b, half)
+        one = torch.ones((b, half), dtype=torch.int32)
+        seg_np = torch.cat([block_ids(one, pos, block_size=bd_block, shift=False, clean=c) for c in (False, True)],
+                           1).numpy()
+    else:
+        seg_np = segments(b, length, int(spec["segments"]))
     seg = torch.from_numpy(seg_np).to(device)
     if backward:
         for t in (q, k, v):
@@ -64,12 +74,14 @@ def attention(spec: dict, device) -> Case:
         if backward:
             q.grad = k.grad = v.grad = None
             o = kernels.masked_attention(q, k, v, seg, causal=causal, backend=impl,
-                                         block_sizes=block_sizes if impl == "pallas" else None)
+                                         block_sizes=block_sizes if impl == "pallas" else None,
+                                         block_diffusion=bool(bd_block))
             o.backward(do)
         else:
             with torch.no_grad():
                 o = kernels.masked_attention(q, k, v, seg, causal=causal, backend=impl,
-                                             block_sizes=block_sizes if impl == "pallas" else None)
+                                             block_sizes=block_sizes if impl == "pallas" else None,
+                                             block_diffusion=bool(bd_block))
         keep["o"] = o.detach()  # outputs stay alive until the next round, as gradients do
         wait_device()
 
@@ -77,12 +89,13 @@ def attention(spec: dict, device) -> Case:
         from kernels import pallas_attention as pa
 
         flops = pa.attention_matmul_flops(seg_np, hq, d, causal=causal, block_sizes=block_sizes,
-                                          backward=backward)
+                                          backward=backward, block_diffusion=bool(bd_block))
     else:  # dense: QK^T, PV forward; backward naive (autograd) 4 matmuls, reference 5 (+ QK^T)
         n_mm = 2 + ((4 if impl == "naive" else 5) if backward else 0)
         flops = n_mm * 2 * b * hq * length * length * d
     return Case(step, {"suite": "attention", "impl": impl, "backend": kernels.resolve_backend(impl),
                         "mode": spec["mode"], "segments": int(spec["segments"]), "causal": causal,
+                        "block_diffusion": bd_block,
                         "shape": {"B": b, "Hq": hq, "Hkv": hkv, "L": length, "D": d},
                         "block_sizes": block_sizes, "matmul_flops": int(flops)})
 

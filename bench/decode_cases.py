@@ -23,28 +23,28 @@ from bench.harness import ROOT, wait_device
 # answers are padded to the region the sampler fills (data.sft.pad_response_to = generation.max_new_tokens):
 # the demo's 8, or 32 for the longer region (a model trained on 8-token regions does not know where to end
 # a longer one).
-def demo_overrides(region: int) -> list[str]:
-    return [f"generation.max_new_tokens={region}", "generation.eval_exact_match_examples=0"]
+def demo_overrides(region: int, extra: tuple[str, ...] = ()) -> list[str]:
+    return [f"generation.max_new_tokens={region}", "generation.eval_exact_match_examples=0", *extra]
 
 
-def demo_checkpoint(cache_root: Path, region: int, log=print) -> Path:
-    """The demo run's output_dir for answer regions of `region` tokens, trained once and kept under
-    `cache_root`, keyed by the resolved training config without its sampler settings (delete the folder
-    to retrain with changed code)."""
+def demo_checkpoint(cache_root: Path, region: int, log=print, extra: tuple[str, ...] = ()) -> Path:
+    """The demo run's output_dir for answer regions of `region` tokens (plus `extra` overrides, e.g. the
+    bd3lm objective), trained once and kept under `cache_root`, keyed by the resolved training config
+    without its sampler settings (delete the folder to retrain with changed code)."""
     import json
 
     from omegaconf import OmegaConf
 
     from train.config import load_config
 
-    resolved = OmegaConf.to_container(load_config(demo_overrides(region)), resolve=True)
+    resolved = OmegaConf.to_container(load_config(demo_overrides(region, extra)), resolve=True)
     resolved.pop("generation")  # how it decodes is not how it trains (the region reaches data.sft)
     resolved.pop("output_dir", None)
     key = hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:12]
     out = cache_root / f"demo{region}-{key}"
     if not (out / "checkpoints" / "latest").is_file():
         log(f"training the demo checkpoint into {out} (about 3 minutes; cached for later runs)")
-        subprocess.run([sys.executable, "-m", "train.run", f"output_dir={out}", *demo_overrides(region)], cwd=ROOT,
+        subprocess.run([sys.executable, "-m", "train.run", f"output_dir={out}", *demo_overrides(region, extra)], cwd=ROOT,
                        check=True, stdout=subprocess.DEVNULL)
     return out
 
@@ -84,12 +84,14 @@ def random_decode(spec: dict, device) -> Case:
     from model.config import Qwen3Config
     from model.qwen3 import Qwen3ForDiffusionLM
     from train import runtime
+    from train.block_decode import generate_ids_blockwise
     from train.generate import GenerationConfig, generate_ids
 
     torch.manual_seed(0)
     config = Qwen3Config(**spec["config"])
+    bd3lm = spec.get("objective") == "bd3lm"  # block diffusion: blocks of the sampler's block_length
     model = Qwen3ForDiffusionLM(config, attention_kernel=spec.get("kernel", "pallas"),
-                                loss_kernel=spec.get("kernel", "pallas")).to(device)
+                                loss_kernel=spec.get("kernel", "pallas"), block_diffusion=bd3lm).to(device)
     runtime.sync()
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, config.vocab_size - 1, size=int(spec["prompt_len"])).tolist()
@@ -99,7 +101,11 @@ def random_decode(spec: dict, device) -> Case:
 
     def step():
         stats: dict = {}
-        generate_ids(model, prompts, cfg, mask_id=mask_id, pad_id=0, device=device, stats=stats)
+        if bd3lm:
+            generate_ids_blockwise(model, prompts, cfg, block_size=cfg.block, mask_id=mask_id, pad_id=0,
+                                   shift_logits=True, device=device, stats=stats)
+        else:
+            generate_ids(model, prompts, cfg, mask_id=mask_id, pad_id=0, device=device, stats=stats)
         wait_device()
         return stats
 

@@ -54,6 +54,30 @@ def test_attention(benchmark, record_figure, impl, segments, mode):
     record_figure.many(_figures())
 
 
+# bd3lm's attention (issue 20): a row of L / 2 tokens as its noised and clean copies (L in all), blocks of
+# 8 tokens, against every pair computed (one plain segment of L) and the dense reference with the same mask.
+BD_CASES = [("pallas", "bd8"), ("pallas", "all"), ("reference", "bd8")]
+BD_FAST = {("pallas", "bd8"), ("pallas", "all")}
+
+
+def _bd_name(impl, pattern):
+    return f"attention-{impl}-{pattern}-fwd_bwd"
+
+
+@pytest.mark.parametrize(("impl", "pattern"), [
+    pytest.param(*case, id=_bd_name(*case).removeprefix("attention-"),
+                 marks=[pytest.mark.fast] if case in BD_FAST else []) for case in BD_CASES])
+def test_block_diffusion_attention(benchmark, record_figure, impl, pattern):
+    shape = dict(FAST if harness.is_fast() else FULL)
+    shape["block_sizes"] = {"block_q": 128, "block_k": 128}
+    spec = dict(builder="bench.cases:attention", impl=impl, segments=1, mode="fwd_bwd", warmup=1,
+                block_diffusion=8 if pattern == "bd8" else 0, **shape)
+    res = harness.measure(benchmark, _bd_name(impl, pattern), spec, rounds=ROUNDS[harness.size()],
+                          group=f"{GROUP} block diffusion")
+    assert res["compiles_during_rounds"] == 0, "the case recompiled between rounds"
+    record_figure.many(_figures())
+
+
 def _figures():
     """Every figure whose cases have run in this session (recorded again as more cases finish)."""
     figs = harness.FigureList()
@@ -78,6 +102,12 @@ def _figures():
         add(f"attn_speedup_vs_reference_{seg}seg",
             harness.ratio(n("reference", seg, "fwd_bwd"), n("pallas", seg, "fwd_bwd")), "x",
             f"reference fwd+bwd time / pallas, {seg} segment(s)")
+    add("attn_bd8_over_all_pairs_time",
+        harness.ratio(_bd_name("pallas", "bd8"), _bd_name("pallas", "all")), "x",
+        "pallas fwd+bwd, bd3lm pattern (blocks of 8) / every pair computed, same length (pairs run: 28 of 64)")
+    add("attn_bd8_speedup_vs_dense_reference",
+        harness.ratio(_bd_name("reference", "bd8"), _bd_name("pallas", "bd8")), "x",
+        "dense jnp reference with the bd3lm mask / pallas, fwd+bwd")
     add("attn_peak_mem_ratio_naive_over_pallas",
         harness.ratio(n("naive", 1, "fwd_bwd"), n("pallas", 1, "fwd_bwd"), "working_set_bytes"),
         "x", "fwd+bwd working set (peak RSS - baseline), naive / pallas, 1 segment")

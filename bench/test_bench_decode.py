@@ -38,7 +38,9 @@ WIDE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hid
             num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1000000.0)
 SMALL = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=10000.0)
-RANDOM_MODES = ("baseline", "prefix", "dual")
+# bd3lm: a block-diffusion model of the same shape decoding the same length with the same steps per block (its
+# cache is exact; its window is one block, or two at a block's first step)
+RANDOM_MODES = ("baseline", "prefix", "dual", "bd3lm")
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,34 @@ def test_demo_decode(benchmark, record_figure, region, mode, checkpoints):
     record_figure.many(figs)
 
 
+# bd3lm (issue 20): the demo trained with the block-diffusion objective (blocks of 4 and 8) against the demo's
+# mdlm checkpoint, each with the default sampler (threshold 0.9, stop at the end of the answer) over the same
+# 8-token region: time per answer token, and exact match.
+BD_OBJECTIVES = {"mdlm": (), "bd3lm-b4": ("diffusion.objective=bd3lm", "diffusion.block_size=4"),
+                 "bd3lm-b8": ("diffusion.objective=bd3lm", "diffusion.block_size=8")}
+
+
+@pytest.mark.parametrize("objective", list(BD_OBJECTIVES))
+def test_block_diffusion_decode(benchmark, record_figure, objective):
+    out = demo_checkpoint(harness.BENCH / "results" / "cache", 8, extra=BD_OBJECTIVES[objective])
+    name = f"decode-objective-{objective}"
+    sampler = dict(max_new_tokens=8, threshold=0.9, stop_at_eos=True, cache="none", block_length=None, steps=None)
+    spec = dict(builder="bench.decode_cases:demo_decode", checkpoint=str(out), examples=100, cpus=1, warmup=1,
+                sampler=sampler)
+    res = harness.measure(benchmark, name, spec, rounds=3, group="decode by objective, 8-token region")
+    assert res["compiles_during_rounds"] == 0, "decoding recompiled between rounds"
+    per_token = harness.case_time(name) / max(res["last"]["answer_tokens"], 1)
+    figs = harness.FigureList()
+    figs.add(f"decode_exact_match_{objective}", res["last"]["exact_match"], "", "held-out exact match, default sampler")
+    figs.add(f"decode_s_per_token_{objective}", per_token, "s/token", "round time / answer tokens (before the stop)")
+    base = "decode-objective-mdlm"
+    if objective != "mdlm" and base in harness.CASES:
+        base_per_token = harness.case_time(base) / max(harness.CASES[base]["last"]["answer_tokens"], 1)
+        figs.add(f"decode_speedup_per_token_{objective.replace('-', '_')}", base_per_token / per_token, "x",
+                 "mdlm's time per answer token / this objective's (same region, same sampler)")
+    record_figure.many(figs)
+
+
 @pytest.mark.parametrize("mode", [pytest.param(m, marks=[pytest.mark.fast] if m != "prefix" else [])
                                   for m in RANDOM_MODES])
 def test_random_model_decode(benchmark, record_figure, mode):
@@ -84,9 +114,10 @@ def test_random_model_decode(benchmark, record_figure, mode):
     label = "small" if fast else "0p6b_width"
     sampler = dict(max_new_tokens=64, steps=64, block_length=16) if fast else \
         dict(max_new_tokens=256, steps=128, block_length=32)
-    sampler.update(cache="none" if mode == "baseline" else mode, stop_at_eos=False)
+    sampler.update(cache=mode if mode in ("prefix", "dual") else "none", stop_at_eos=False)
     name = f"decode-random-{label}-{mode}"
     spec = dict(builder="bench.decode_cases:random_decode", config=SMALL if fast else WIDE, cpus=1,
+                objective="bd3lm" if mode == "bd3lm" else "mdlm",
                 rows=4 if fast else 1, prompt_len=16 if fast else 32, sampler=sampler,
                 warmup=1 if fast else 0)
     res = harness.measure(benchmark, name, spec, rounds=3 if fast else 1, group=f"decode random {label}")
@@ -95,6 +126,7 @@ def test_random_model_decode(benchmark, record_figure, mode):
     if mode != "baseline" and base in harness.CASES:
         tokens = sampler["max_new_tokens"] * spec["rows"]
         record_figure.many([
-            (f"decode_speedup_{mode}_cache_{label}", harness.ratio(base, name), "x",
+            (f"decode_speedup_{mode}{'' if mode == 'bd3lm' else '_cache'}_{label}", harness.ratio(base, name), "x",
              f"{tokens} tokens in {sampler['steps']} steps, blocks of {sampler['block_length']}: baseline / {mode}"),
-            (f"decode_tokens_per_s_{mode}_cache_{label}", tokens / harness.case_time(name), "tokens/s", "")])
+            (f"decode_tokens_per_s_{mode}{'' if mode == 'bd3lm' else '_cache'}_{label}", tokens / harness.case_time(name),
+             "tokens/s", "")])

@@ -1,8 +1,8 @@
 """Fused masked attention and masked cross-entropy for torch_xla (Pallas kernels + references).
 
 Public API (torch tensors on the XLA device; see kernels/binding.py):
-    masked_attention(q, k, v, segment_ids, *, causal=False, sm_scale=None, backend=None,
-                     block_sizes=None) -> o
+    masked_attention(q, k, v, segment_ids, *, causal=False, block_diffusion=False, sm_scale=None,
+                     backend=None, block_sizes=None) -> o
     masked_cross_entropy(hidden, weight, targets, token_weight, *, backend=None,
                          block_sizes=None) -> loss_sum
     resolve_backend(backend) -> concrete backend name
@@ -132,6 +132,16 @@ def _register_references() -> None:
 
 
 _register_references()
+
+# Block-diffusion (BD3-LM) attention. With block_diffusion=True the attention's `segment_ids` carry
+# one int32 per position: (segment << BD_CODE_BITS) | code, 0 for padding, where code = 2 * block for
+# a noised copy's position and 2 * block + 1 for a clean copy's. A query q may see key k iff both lie in
+# the same non-zero segment and (k == q or (k is clean and k < q)): a noised block sees itself and the
+# clean blocks before it, a clean block sees the clean blocks up to itself, nothing sees a noised
+# block of another block. model/diffusion.py builds the ids; every backend applies this one rule.
+BD_CODE_BITS = 16
+BD_MAX_SEGMENTS = (1 << (31 - BD_CODE_BITS)) - 1
+BD_MAX_BLOCKS = 1 << (BD_CODE_BITS - 1)
 
 _BINDING_EXPORTS = ("masked_attention", "masked_cross_entropy", "resolve_backend", "ENV_BACKEND",
                     "spmd_mesh")

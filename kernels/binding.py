@@ -387,12 +387,15 @@ def _require_xla(name, op, *tensors):
 
 
 def masked_attention(q, k, v, segment_ids, *, causal: bool = False, sm_scale: float | None = None,
-                     backend: str | None = None, block_sizes=None):
-    """Segment-masked (optionally causal) attention with GQA.
+                     backend: str | None = None, block_sizes=None, block_diffusion: bool = False):
+    """Segment-masked (optionally causal, or block-diffusion) attention with GQA.
 
     q [B,Hq,L,D], k/v [B,Hkv,L,D], segment_ids [B,L] (0 = padding) -> o [B,Hq,L,D].
     A query attends only to keys of its own non-zero segment; padding queries give o = 0.
+    block_diffusion: segment_ids are block-diffusion ids and the rule of kernels/__init__.py applies.
     """
+    if causal and block_diffusion:
+        raise ValueError("masked_attention: causal and block_diffusion exclude each other")
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"masked_attention: bad shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
@@ -408,10 +411,13 @@ def masked_attention(q, k, v, segment_ids, *, causal: bool = False, sm_scale: fl
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     name = resolve_backend(backend)
     if name == "naive":
-        return attention_naive(q, k, v, segment_ids, causal=causal, sm_scale=sm_scale)
+        return attention_naive(q, k, v, segment_ids, causal=causal, sm_scale=sm_scale,
+                               block_diffusion=block_diffusion)
     impl = get_backend("attention", name)
     _require_xla(name, "attention", q, k, v, segment_ids)
-    static = _static_kwargs(impl, block_sizes, causal=bool(causal), sm_scale=sm_scale)
+    # block_diffusion travels only when set, so the plain calls keep their cached graphs.
+    extra = {"block_diffusion": True} if block_diffusion else {}
+    static = _static_kwargs(impl, block_sizes, causal=bool(causal), sm_scale=sm_scale, **extra)
     mesh = spmd_mesh()
     plan = _attention_plan(mesh, q, k) if mesh is not None else None
     return _JaxOp.apply(_call_key(impl, static, plan), q, k, v, segment_ids)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 
-def attention_naive(q, k, v, segment_ids, *, causal: bool = False, sm_scale: float | None = None):
+def attention_naive(q, k, v, segment_ids, *, causal: bool = False, sm_scale: float | None = None,
+                    block_diffusion: bool = False):
     b, hq, l, d = q.shape
     hkv = k.shape[1]
     if sm_scale is None:
@@ -24,7 +25,14 @@ def attention_naive(q, k, v, segment_ids, *, causal: bool = False, sm_scale: flo
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
     seg = segment_ids
-    allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0)
+    if block_diffusion:  # kernels/__init__.py: (segment << BD_CODE_BITS) | code
+        from kernels import BD_CODE_BITS
+
+        qi, ki = seg[:, :, None], seg[:, None, :]
+        allowed = ((qi >> BD_CODE_BITS) == (ki >> BD_CODE_BITS)) & (qi != 0) & (
+            (ki == qi) | (((ki & 1) == 1) & (ki < qi)))
+    else:
+        allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0)
     if causal:
         idx = torch.arange(l, device=q.device)
         allowed = allowed & (idx[:, None] >= idx[None, :])

@@ -63,6 +63,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels import BD_CODE_BITS
 from kernels import tpu as ktpu
 
 # Mosaic kernels are serialised for the libtpu the project pins, whatever JAX's default backend is.
@@ -274,35 +275,55 @@ def _first_fit(which, seq_len, head_dim, dtype, chip) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------------
 
 
+_INT_MAX = int(np.iinfo(np.int32).max)
+
+
 def _block_ranges(seg, block: int):
-    """seg [B, Lp] -> (lo, hi, full) [B, Lp // block] int32: min/max non-zero id (hi == 0: all
-    padding); full = 1 when the block holds a single id and no padding (no masking needed)."""
+    """seg [B, Lp] -> (lo, hi, full, odd_lo) [B, Lp // block] int32: min/max non-zero id (hi == 0:
+    all padding); full = 1 when the block holds a single id and no padding (no masking needed);
+    odd_lo = the least odd id (a clean position's, with block-diffusion ids), INT_MAX if none."""
     b, lp = seg.shape
     s = seg.reshape(b, lp // block, block)
     real = s > 0
     hi = jnp.max(jnp.where(real, s, 0), axis=-1)
-    lo = jnp.min(jnp.where(real, s, jnp.iinfo(jnp.int32).max), axis=-1)
+    lo = jnp.min(jnp.where(real, s, _INT_MAX), axis=-1)
     full = (jnp.min(s, axis=-1) == hi) & (hi > 0)
+    odd_lo = jnp.min(jnp.where(real & (jnp.bitwise_and(s, 1) == 1), s, _INT_MAX), axis=-1)
     return (jnp.where(hi > 0, lo, 0).astype(jnp.int32), hi.astype(jnp.int32),
-            full.astype(jnp.int32))
+            full.astype(jnp.int32), odd_lo.astype(jnp.int32))
 
 
-def _pair_active(q_lo, q_hi, k_lo, k_hi, i, j, bq: int, bk: int, causal: bool):
+def _segment_of(ids):
+    return jnp.right_shift(ids, BD_CODE_BITS)
+
+
+def _pair_active(q_lo, q_hi, k_lo, k_hi, k_odd_lo, i, j, bq: int, bk: int, causal: bool, bd: bool):
     """Whether query block i and key block j can interact. Works on arrays (the wrapper's tables)
-    and on scalars read from SMEM inside the kernels, so both sides use the same rule."""
-    active = (q_hi > 0) & (k_hi > 0) & (q_lo <= k_hi) & (k_lo <= q_hi)
+    and on scalars read from SMEM inside the kernels, so both sides use the same rule.
+
+    bd (block diffusion): a visible key has the query's own id or is a clean (odd) id below it, so a
+    pair can interact only if the segments of the two ranges meet and either the id ranges overlap
+    or the key block's least clean id lies below the query block's largest id. With the noised copy
+    then the clean copy of a row, this skips the noised keys of other blocks and everything a clean
+    query may not see: about a quarter of the pairs run."""
+    real = (q_hi > 0) & (k_hi > 0)
+    overlap = (q_lo <= k_hi) & (k_lo <= q_hi)
+    if bd:
+        segments_meet = (_segment_of(q_lo) <= _segment_of(k_hi)) & (_segment_of(k_lo) <= _segment_of(q_hi))
+        return real & segments_meet & (overlap | (k_odd_lo < q_hi))
+    active = real & overlap
     if causal:
         # Some key of block j is at or before some query of block i.
         active = active & (j * bk <= i * bq + (bq - 1))
     return active
 
 
-def _active_table(q_lo, q_hi, k_lo, k_hi, bq, bk, causal):
+def _active_table(q_lo, q_hi, k_lo, k_hi, k_odd_lo, bq, bk, causal, bd):
     nq, nk = q_lo.shape[1], k_lo.shape[1]
     i = jnp.arange(nq, dtype=jnp.int32)[None, :, None]
     j = jnp.arange(nk, dtype=jnp.int32)[None, None, :]
     return _pair_active(q_lo[:, :, None], q_hi[:, :, None], k_lo[:, None, :], k_hi[:, None, :],
-                        i, j, bq, bk, causal)  # [B, nq, nk]
+                        k_odd_lo[:, None, :], i, j, bq, bk, causal, bd)  # [B, nq, nk]
 
 
 def _visit_interval(active):
@@ -326,6 +347,7 @@ class _Tables(NamedTuple):
     k_lo: jax.Array
     k_hi: jax.Array
     k_full: jax.Array
+    k_odd_lo: jax.Array
     first: jax.Array  # visited interval of the inner grid axis, per (b, outer block)
     last: jax.Array
 
@@ -333,25 +355,32 @@ class _Tables(NamedTuple):
 _NUM_TABLES = len(_Tables._fields)
 
 
-def _tables(seg_p, bq: int, bk: int, causal: bool, inner: str) -> _Tables:
+def _tables(seg_p, bq: int, bk: int, causal: bool, inner: str, bd: bool = False) -> _Tables:
     """inner = "k": grid rows are query blocks (forward, dq); "q": rows are key blocks (dk/dv)."""
-    q_lo, q_hi, q_full = _block_ranges(seg_p, bq)
-    k_lo, k_hi, k_full = _block_ranges(seg_p, bk)
-    active = _active_table(q_lo, q_hi, k_lo, k_hi, bq, bk, causal)
+    q_lo, q_hi, q_full, _ = _block_ranges(seg_p, bq)
+    k_lo, k_hi, k_full, k_odd_lo = _block_ranges(seg_p, bk)
+    active = _active_table(q_lo, q_hi, k_lo, k_hi, k_odd_lo, bq, bk, causal, bd)
     if inner == "q":
         active = jnp.swapaxes(active, 1, 2)
     first, last = _visit_interval(active)
     flat = lambda x: x.reshape(-1).astype(jnp.int32)
-    return _Tables(*(flat(x) for x in (q_lo, q_hi, q_full, k_lo, k_hi, k_full, first, last)))
+    return _Tables(*(flat(x) for x in (q_lo, q_hi, q_full, k_lo, k_hi, k_full, k_odd_lo, first, last)))
 
 
-def _pair_kind(tables, b, i, j, *, nq, nk, bq, bk, causal):
+def _pair_kind(tables, b, i, j, *, nq, nk, bq, bk, causal, bd=False):
     """In-kernel: (run, needs_mask) for grid pair (i, j) from the SMEM tables. A pair inside one
-    segment with no padding (and below the diagonal when causal) needs no mask at all."""
-    q_lo, q_hi, q_full, k_lo, k_hi, k_full = tables[:6]
+    segment with no padding (and below the diagonal when causal; with block diffusion, two single
+    ids the rule lets meet) needs no mask at all."""
+    t = _Tables(*tables)
     qi, kj = b * nq + i, b * nk + j
-    run = _pair_active(q_lo[qi], q_hi[qi], k_lo[kj], k_hi[kj], i, j, bq, bk, causal)
-    uniform = (q_full[qi] != 0) & (k_full[kj] != 0) & (q_lo[qi] == k_lo[kj])
+    q_lo, k_lo = t.q_lo[qi], t.k_lo[kj]
+    run = _pair_active(q_lo, t.q_hi[qi], k_lo, t.k_hi[kj], t.k_odd_lo[kj], i, j, bq, bk, causal, bd)
+    singles = (t.q_full[qi] != 0) & (t.k_full[kj] != 0)
+    if bd:
+        uniform = singles & (_segment_of(q_lo) == _segment_of(k_lo)) & (
+            (q_lo == k_lo) | ((jnp.bitwise_and(k_lo, 1) == 1) & (k_lo < q_lo)))
+    else:
+        uniform = singles & (q_lo == k_lo)
     if causal:
         uniform = uniform & ((j + 1) * bk - 1 <= i * bq)
     return run, jnp.logical_not(uniform)
@@ -363,33 +392,35 @@ def _when_run(run, needs_mask, body):
     pl.when(run & jnp.logical_not(needs_mask))(functools.partial(body, False))
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "block_q", "block_k"))
-def block_schedule(segment_ids, *, causal: bool, block_q: int, block_k: int):
+@functools.partial(jax.jit, static_argnames=("causal", "block_q", "block_k", "block_diffusion"))
+def block_schedule(segment_ids, *, causal: bool, block_q: int, block_k: int, block_diffusion: bool = False):
     """bool [B, nq, nk]: the (query block, key block) pairs the kernels compute (after padding L to
     a multiple of both block sizes). Exactly the rule the kernels apply at run time."""
     b, l = segment_ids.shape
     lp = _round_up(l, math.lcm(block_q, block_k))
     seg_p = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, lp - l)))
-    q_lo, q_hi, _ = _block_ranges(seg_p, block_q)
-    k_lo, k_hi, _ = _block_ranges(seg_p, block_k)
-    return _active_table(q_lo, q_hi, k_lo, k_hi, block_q, block_k, causal)
+    q_lo, q_hi, _, _ = _block_ranges(seg_p, block_q)
+    k_lo, k_hi, _, k_odd_lo = _block_ranges(seg_p, block_k)
+    return _active_table(q_lo, q_hi, k_lo, k_hi, k_odd_lo, block_q, block_k, causal, block_diffusion)
 
 
-def count_computed_blocks(segment_ids, *, causal: bool, block_q: int, block_k: int):
+def count_computed_blocks(segment_ids, *, causal: bool, block_q: int, block_k: int,
+                          block_diffusion: bool = False):
     """(computed pairs, total pairs) per query head, summed over the batch, as python ints."""
     sched = np.asarray(block_schedule(segment_ids, causal=causal, block_q=block_q,
-                                      block_k=block_k))
+                                      block_k=block_k, block_diffusion=block_diffusion))
     return int(sched.sum()), int(sched.size)
 
 
 def attention_matmul_flops(segment_ids, num_q_heads: int, head_dim: int, *, causal: bool,
-                           block_sizes=None, backward: bool = True) -> int:
+                           block_sizes=None, backward: bool = True, block_diffusion: bool = False) -> int:
     """Matmul FLOPs the kernels actually run (skipped blocks excluded), per computed block pair:
     forward 2 (QK^T, PV), dq 3 (QK^T, dO V^T, dS K), dk/dv 4 (KQ^T, P^T dO, V dO^T, dS^T Q)."""
     plan = _plan(block_sizes, segment_ids.shape[1], interpret=True)
     total = 0
     for (bq, bk), n_mm in ((plan.fwd, 2),) + (((plan.dq, 3), (plan.dkv, 4)) if backward else ()):
-        pairs, _ = count_computed_blocks(segment_ids, causal=causal, block_q=bq, block_k=bk)
+        pairs, _ = count_computed_blocks(segment_ids, causal=causal, block_q=bq, block_k=bk,
+                                         block_diffusion=block_diffusion)
         total += pairs * n_mm * 2 * bq * bk * head_dim
     return total * num_q_heads
 
@@ -462,11 +493,17 @@ def _lanes(x, width: int):
     return jnp.broadcast_to(x[:, :1], (x.shape[0], width))
 
 
-def _mask(col_ids, row_ids, col_offset, row_offset, shape, causal: bool, rows_are_queries: bool):
-    """[rows, cols] bool: same non-zero segment (and causal order). col_ids: ids along the rows
-    ([rows, 128] lane-replicated or [rows, 1]); row_ids: ids along the columns ([1, cols]);
-    offsets: global positions of element (0, 0)."""
+def _mask(col_ids, row_ids, col_offset, row_offset, shape, causal: bool, rows_are_queries: bool,
+          bd: bool = False):
+    """[rows, cols] bool: same non-zero segment (and causal order; or the block-diffusion rule).
+    col_ids: ids along the rows ([rows, 128] lane-replicated or [rows, 1]); row_ids: ids along the
+    columns ([1, cols]); offsets: global positions of element (0, 0)."""
     ids = _lanes(col_ids, shape[1]) if col_ids.shape[1] == NUM_LANES else col_ids
+    if bd:
+        q, k = (ids, row_ids) if rows_are_queries else (row_ids, ids)
+        mask = (_segment_of(q) == _segment_of(k)) & (q != 0) & (
+            (k == q) | ((jnp.bitwise_and(k, 1) == 1) & (k < q)))
+        return jnp.broadcast_to(mask, shape)
     mask = (ids == row_ids) & (ids != 0)
     if causal:
         r = col_offset + lax.broadcasted_iota(jnp.int32, shape, 0)
@@ -490,7 +527,7 @@ def _dot(a, b, dims):
 # --------------------------------------------------------------------------------------------------
 
 
-def _fwd_kernel(*refs, sm_scale, causal, bq, bk, nq, nk, group, whole, debug):
+def _fwd_kernel(*refs, sm_scale, causal, bq, bk, nq, nk, group, whole, debug, bd=False):
     tables, refs = refs[:_NUM_TABLES], refs[_NUM_TABLES:]
     q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *refs = refs
     visits_ref = refs.pop(0) if debug else None
@@ -506,7 +543,7 @@ def _fwd_kernel(*refs, sm_scale, causal, bq, bk, nq, nk, group, whole, debug):
         l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
         acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
-    run, needs_mask = _pair_kind(tables, b, i, j, nq=nq, nk=nk, bq=bq, bk=bk, causal=causal)
+    run, needs_mask = _pair_kind(tables, b, i, j, nq=nq, nk=nk, bq=bq, bk=bk, causal=causal, bd=bd)
     if debug:
         visits_ref[...] = jnp.where(run, 1, 0) * jnp.ones(visits_ref.shape, jnp.int32)
 
@@ -518,7 +555,7 @@ def _fwd_kernel(*refs, sm_scale, causal, bq, bk, nq, nk, group, whole, debug):
         if masked:
             mask = _mask(_col_ids(qseg_ref, whole, b, i * bq, bq),
                          _row_ids(kseg_ref, whole, b, j * bk, bk),
-                         i * bq, j * bk, (bq, bk), causal, True)
+                         i * bq, j * bk, (bq, bk), causal, True, bd)
             s = jnp.where(mask, s, MASK_VALUE)
         m_prev = m_scr[...]                                           # [bq, 128]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
@@ -593,14 +630,14 @@ def _cost(q, k, causal: bool, *, matmuls: int) -> pl.CostEstimate:
                            bytes_accessed=(2 * q.size + 2 * k.size * (hq // k.shape[1])) * sz)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "plan", "interpret", "debug"))
-def _fwd_padded(q, k, v, seg_p, *, causal, sm_scale, plan, interpret, debug=False):
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "plan", "interpret", "debug", "bd"))
+def _fwd_padded(q, k, v, seg_p, *, causal, sm_scale, plan, interpret, debug=False, bd=False):
     b, hq, lp, d = q.shape
     group = hq // k.shape[1]
     bq, bk = plan.fwd
     nq, nk = lp // bq, lp // bk
     whole = interpret is True
-    tables = _tables(seg_p, bq, bk, causal, inner="k")
+    tables = _tables(seg_p, bq, bk, causal, inner="k", bd=bd)
 
     seg_cols, seg_rows = _seg_operands(seg_p, whole)
     q_map, lse_map, in_specs = _query_major_specs(q, k, v, seg_cols, seg_rows, bq=bq, bk=bk, group=group,
@@ -617,7 +654,7 @@ def _fwd_padded(q, k, v, seg_p, *, causal, sm_scale, plan, interpret, debug=Fals
         out_specs.append(pl.BlockSpec((None, None, 1, 1), lambda b_, h, i, j, *_: (b_, h, i, j)))
         out_shape.append(jax.ShapeDtypeStruct((b, hq, nq, nk), jnp.int32))
     kernel = functools.partial(_fwd_kernel, sm_scale=sm_scale, causal=causal, bq=bq, bk=bk,
-                               nq=nq, nk=nk, group=group, whole=whole, debug=debug)
+                               nq=nq, nk=nk, group=group, whole=whole, debug=debug, bd=bd)
     outs = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -647,7 +684,7 @@ def _fwd_padded(q, k, v, seg_p, *, causal, sm_scale, plan, interpret, debug=Fals
 # --------------------------------------------------------------------------------------------------
 
 
-def _dq_kernel(*refs, sm_scale, causal, bq, bk, nq, nk, group, whole):
+def _dq_kernel(*refs, sm_scale, causal, bq, bk, nq, nk, group, whole, bd=False):
     tables, refs = refs[:_NUM_TABLES], refs[_NUM_TABLES:]
     q_ref, k_ref, v_ref, qseg_ref, kseg_ref, lse_ref, di_ref, do_ref, dq_ref, dq_scr = refs
     b, h, i, j = (pl.program_id(a) for a in range(4))
@@ -669,11 +706,11 @@ def _dq_kernel(*refs, sm_scale, causal, bq, bk, nq, nk, group, whole):
         if masked:  # exp of a masked score may overflow: select, never multiply by the mask
             mask = _mask(_col_ids(qseg_ref, whole, b, i * bq, bq),
                          _row_ids(kseg_ref, whole, b, j * bk, bk),
-                         i * bq, j * bk, (bq, bk), causal, True)
+                         i * bq, j * bk, (bq, bk), causal, True, bd)
             ds = jnp.where(mask, ds, 0.0)
         dq_scr[...] += _dot(ds.astype(k.dtype), k, _NN)
 
-    _when_run(*_pair_kind(tables, b, i, j, nq=nq, nk=nk, bq=bq, bk=bk, causal=causal), body)
+    _when_run(*_pair_kind(tables, b, i, j, nq=nq, nk=nk, bq=bq, bk=bk, causal=causal, bd=bd), body)
 
     @pl.when(j == nk - 1)
     def _finish():
@@ -685,21 +722,21 @@ def _row_operand(x, whole):
     return x if whole else x[:, :, None, :]
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "plan", "interpret"))
-def _dq_padded(q, k, v, seg_p, lse, di, do, *, causal, sm_scale, plan, interpret):
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "plan", "interpret", "bd"))
+def _dq_padded(q, k, v, seg_p, lse, di, do, *, causal, sm_scale, plan, interpret, bd=False):
     b, hq, lp, d = q.shape
     group = hq // k.shape[1]
     bq, bk = plan.dq
     nq, nk = lp // bq, lp // bk
     whole = interpret is True
-    tables = _tables(seg_p, bq, bk, causal, inner="k")
+    tables = _tables(seg_p, bq, bk, causal, inner="k", bd=bd)
 
     seg_cols, seg_rows = _seg_operands(seg_p, whole)
     q_map, row_map, in_specs = _query_major_specs(q, k, v, seg_cols, seg_rows, bq=bq, bk=bk, group=group,
                                                   nq=nq, whole=whole)
     lse, di = _row_operand(lse, whole), _row_operand(di, whole)
     kernel = functools.partial(_dq_kernel, sm_scale=sm_scale, causal=causal, bq=bq, bk=bk,
-                               nq=nq, nk=nk, group=group, whole=whole)
+                               nq=nq, nk=nk, group=group, whole=whole, bd=bd)
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -729,7 +766,7 @@ def _dq_padded(q, k, v, seg_p, lse, di, do, *, causal, sm_scale, plan, interpret
 # --------------------------------------------------------------------------------------------------
 
 
-def _dkv_kernel(*refs, sm_scale, causal, bq, bk, nq, nk, group, whole):
+def _dkv_kernel(*refs, sm_scale, causal, bq, bk, nq, nk, group, whole, bd=False):
     tables, refs = refs[:_NUM_TABLES], refs[_NUM_TABLES:]
     (q_ref, k_ref, v_ref, qseg_ref, kseg_ref, lse_ref, di_ref, do_ref,
      dk_ref, dv_ref, dk_scr, dv_scr) = refs
@@ -752,13 +789,13 @@ def _dkv_kernel(*refs, sm_scale, causal, bq, bk, nq, nk, group, whole):
         if masked:
             mask = _mask(_col_ids(kseg_ref, whole, b, j * bk, bk),
                          _row_ids(qseg_ref, whole, b, i * bq, bq),
-                         j * bk, i * bq, (bk, bq), causal, False)
+                         j * bk, i * bq, (bk, bq), causal, False, bd)
             p_t = jnp.where(mask, p_t, 0.0)
         dv_scr[...] += _dot(p_t.astype(do.dtype), do, _NN)
         ds_t = p_t * (_dot(v, do, _NT) - _row_vec(di_ref, whole, b, h, i * bq, bq))
         dk_scr[...] += _dot(ds_t.astype(q.dtype), q, _NN)
 
-    _when_run(*_pair_kind(tables, b, i, j, nq=nq, nk=nk, bq=bq, bk=bk, causal=causal), body)
+    _when_run(*_pair_kind(tables, b, i, j, nq=nq, nk=nk, bq=bq, bk=bk, causal=causal, bd=bd), body)
 
     @pl.when((g == group - 1) & (i == nq - 1))
     def _finish():
@@ -766,15 +803,15 @@ def _dkv_kernel(*refs, sm_scale, causal, bq, bk, nq, nk, group, whole):
         dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "plan", "interpret"))
-def _dkv_padded(q, k, v, seg_p, lse, di, do, *, causal, sm_scale, plan, interpret):
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "plan", "interpret", "bd"))
+def _dkv_padded(q, k, v, seg_p, lse, di, do, *, causal, sm_scale, plan, interpret, bd=False):
     b, hq, lp, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
     bq, bk = plan.dkv
     nq, nk = lp // bq, lp // bk
     whole = interpret is True
-    tables = _tables(seg_p, bq, bk, causal, inner="q")
+    tables = _tables(seg_p, bq, bk, causal, inner="q", bd=bd)
 
     def q_map(b_, hk, j, g, i, *tabs):
         return b_, hk * group + g, _clamped(i, b_ * nk + j, tabs), 0
@@ -795,7 +832,7 @@ def _dkv_padded(q, k, v, seg_p, lse, di, do, *, causal, sm_scale, plan, interpre
     seg_cols, seg_rows = _seg_operands(seg_p, whole)
     lse, di = _row_operand(lse, whole), _row_operand(di, whole)
     kernel = functools.partial(_dkv_kernel, sm_scale=sm_scale, causal=causal, bq=bq, bk=bk,
-                               nq=nq, nk=nk, group=group, whole=whole)
+                               nq=nq, nk=nk, group=group, whole=whole, bd=bd)
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -861,22 +898,23 @@ def _pad_seq(x, lp, axis):
 
 
 def attention_fwd(q, k, v, segment_ids, *, causal: bool, sm_scale: float | None,
-                  block_sizes=None, interpret: bool, chip=None):
+                  block_sizes=None, interpret: bool, chip=None, block_diffusion: bool = False):
     """Returns (o [B,Hq,L,D] in q's dtype, lse [B,Hq,L] fp32, 0 on padding queries). `chip`: the
     TPU generation to size blocks and VMEM for (kernels.tpu; default: the compile target or this
-    device)."""
+    device). block_diffusion: segment_ids are block-diffusion ids (kernels/__init__.py)."""
     l, d = _check(q, k, v, segment_ids)
     sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)
     plan = _plan(block_sizes, l, interpret, chip=chip, head_dim=d, dtype=q.dtype)
     lp = plan.padded_len
     seg_p = _pad_seq(segment_ids.astype(jnp.int32), lp, 1)
     o, lse = _fwd_padded(_pad_seq(q, lp, 2), _pad_seq(k, lp, 2), _pad_seq(v, lp, 2), seg_p,
-                         causal=bool(causal), sm_scale=sm_scale, plan=plan, interpret=interpret)
+                         causal=bool(causal), sm_scale=sm_scale, plan=plan, interpret=interpret,
+                         bd=bool(block_diffusion))
     return o[:, :, :l], lse[:, :, 0, :l]
 
 
 def attention_bwd(q, k, v, segment_ids, o, lse, do, *, causal: bool, sm_scale: float | None,
-                  block_sizes=None, interpret: bool, chip=None):
+                  block_sizes=None, interpret: bool, chip=None, block_diffusion: bool = False):
     """Returns (dq, dk, dv) in the dtypes of q, k, v, from the forward's o and lse."""
     l, d = _check(q, k, v, segment_ids)
     sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)
@@ -887,14 +925,15 @@ def attention_bwd(q, k, v, segment_ids, o, lse, do, *, causal: bool, sm_scale: f
     di = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
     lse_p, di_p = (_pad_seq(x.astype(jnp.float32), lp, 2) for x in (lse, di))
     qp, kp, vp, dop = (_pad_seq(x, lp, 2) for x in (q, k, v, do))
-    static = dict(causal=bool(causal), sm_scale=sm_scale, plan=plan, interpret=interpret)
+    static = dict(causal=bool(causal), sm_scale=sm_scale, plan=plan, interpret=interpret,
+                  bd=bool(block_diffusion))
     dq = _dq_padded(qp, kp, vp, seg_p, lse_p, di_p, dop, **static)
     dk, dv = _dkv_padded(qp, kp, vp, seg_p, lse_p, di_p, dop, **static)
     return dq[:, :, :l], dk[:, :, :l], dv[:, :, :l]
 
 
 def attention_fwd_block_visits(q, k, v, segment_ids, *, causal: bool, sm_scale=None,
-                               block_sizes=None):
+                               block_sizes=None, block_diffusion: bool = False):
     """Debug (interpret mode): int32 [B, Hq, nq, nk], 1 where the forward kernel ran a block pair.
     Lets tests check the kernel itself skips what `block_schedule` says, not just the table."""
     l, d = _check(q, k, v, segment_ids)
@@ -904,7 +943,7 @@ def attention_fwd_block_visits(q, k, v, segment_ids, *, causal: bool, sm_scale=N
     seg_p = _pad_seq(segment_ids.astype(jnp.int32), lp, 1)
     *_, visits = _fwd_padded(_pad_seq(q, lp, 2), _pad_seq(k, lp, 2), _pad_seq(v, lp, 2), seg_p,
                              causal=bool(causal), sm_scale=sm_scale, plan=plan, interpret=True,
-                             debug=True)
+                             debug=True, bd=bool(block_diffusion))
     return visits
 
 

@@ -12,7 +12,7 @@ they have the same structure as the Pallas kernels and the binding never re-runs
 
 Masking semantics (shared by all backends):
 - attention: a query attends only to keys with the same non-zero segment id (and key index <= query
-  index when causal). Queries in segment 0 (padding) produce o = 0, lse = 0 and zero gradients.
+  index when causal; with block_diffusion, by the block-diffusion rule of kernels/__init__.py). Queries in segment 0 (padding) produce o = 0, lse = 0 and zero gradients.
 - cross-entropy: loss_sum = sum over token_weight > 0 of token_weight * (lse - target logit), fp32.
   Rows with weight <= 0 contribute exactly 0 to the loss and to both gradients, whatever they hold.
 """
@@ -54,9 +54,21 @@ def _check_attention_shapes(q, k, v, segment_ids):
     return b, hq, hkv, l, d
 
 
-def _attention_mask(segment_ids, causal: bool):
+def block_diffusion_allowed(q_ids, k_ids):
+    """The block-diffusion rule on broadcastable id arrays (kernels/__init__.py): same non-zero
+    segment, and the same block copy or a clean key of an earlier code."""
+    from kernels import BD_CODE_BITS
+
+    same_segment = jnp.right_shift(q_ids, BD_CODE_BITS) == jnp.right_shift(k_ids, BD_CODE_BITS)
+    clean_before = (jnp.bitwise_and(k_ids, 1) == 1) & (k_ids < q_ids)
+    return same_segment & (q_ids != 0) & ((k_ids == q_ids) | clean_before)
+
+
+def _attention_mask(segment_ids, causal: bool, block_diffusion: bool = False):
     """[B, 1, 1, Lq, Lk] bool: which keys each query may see."""
     seg = segment_ids.astype(jnp.int32)
+    if block_diffusion:
+        return block_diffusion_allowed(seg[:, :, None], seg[:, None, :])[:, None, None, :, :]
     mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0)
     if causal:
         l = seg.shape[1]
@@ -79,13 +91,14 @@ def _scores(q, k, hkv, sm_scale):
     return s * jnp.asarray(sm_scale, _F32)
 
 
-def attention_reference_fwd(q, k, v, segment_ids, *, causal: bool, sm_scale: float | None):
+def attention_reference_fwd(q, k, v, segment_ids, *, causal: bool, sm_scale: float | None,
+                            block_diffusion: bool = False):
     """Returns (o [B,Hq,L,D] in q's dtype, lse [B,Hq,L] fp32; 0 on rows that see no key)."""
     b, hq, hkv, l, d = _check_attention_shapes(q, k, v, segment_ids)
     if sm_scale is None:
         sm_scale = default_sm_scale(d)
     s = _scores(q, k, hkv, sm_scale)
-    mask = _attention_mask(segment_ids, causal)
+    mask = _attention_mask(segment_ids, causal, block_diffusion)
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1)
     live = jnp.isfinite(m)  # False exactly on rows that see no key (padding queries)
@@ -99,12 +112,12 @@ def attention_reference_fwd(q, k, v, segment_ids, *, causal: bool, sm_scale: flo
 
 
 def attention_reference_bwd(q, k, v, segment_ids, o, lse, do, *, causal: bool,
-                            sm_scale: float | None):
+                            sm_scale: float | None, block_diffusion: bool = False):
     """Dense backward from the saved lse: P = exp(S - lse), dS = P * (dP - rowsum(dO * O))."""
     b, hq, hkv, l, d = _check_attention_shapes(q, k, v, segment_ids)
     if sm_scale is None:
         sm_scale = default_sm_scale(d)
-    mask = _attention_mask(segment_ids, causal)
+    mask = _attention_mask(segment_ids, causal, block_diffusion)
     s = _scores(q, k, hkv, sm_scale)
     lse_g = lse.astype(_F32).reshape(b, hkv, hq // hkv, l)
     # Masked (and padding-row) entries get P = 0 exactly, so they feed no gradient anywhere.
@@ -122,8 +135,9 @@ def attention_reference_bwd(q, k, v, segment_ids, o, lse, do, *, causal: bool,
 
 
 def attention_reference(q, k, v, segment_ids, *, causal: bool = False,
-                        sm_scale: float | None = None):
-    return attention_reference_fwd(q, k, v, segment_ids, causal=causal, sm_scale=sm_scale)[0]
+                        sm_scale: float | None = None, block_diffusion: bool = False):
+    return attention_reference_fwd(q, k, v, segment_ids, causal=causal, sm_scale=sm_scale,
+                                   block_diffusion=block_diffusion)[0]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 import kernels
 
+if TYPE_CHECKING:
+    from model.masking import MaskingConfig
+
 LOSS_NORMS = ("maskable", "batch", "masked")
+OBJECTIVES = ("mdlm", "bd3lm")
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,13 @@ class DiffusionConfig:
         each answer token must then be predicted from the prompt alone. A small model trained from
         scratch learns that routing several times faster than under t ~ U(eps, 1), where the
         revealed answer tokens offer easier cues; later steps draw t ~ U(eps, 1) as usual.
+    masking: the training-time masking schedules (prefix, truncate, span; model/masking.py), applied on
+        the host to each step's batch and u before the step runs; None = off (the default).
+    objective: mdlm (one noised copy, bidirectional attention: the global masked objective) | bd3lm
+        (block diffusion, Arriola et al. 2025: the noised copy and the clean copy in one forward; a
+        noised block sees itself and the clean blocks before it, so decoding goes block by block over
+        an exact key/value cache). See `block_diffusion_inputs`.
+    block_size: bd3lm's block length in tokens (blocks start at position 0 of every example).
     """
 
     mask_token_id: int
@@ -40,8 +52,16 @@ class DiffusionConfig:
     loss_norm: str = "maskable"
     shift_logits: bool = True
     full_mask_steps: int = 0
+    masking: "MaskingConfig | None" = None  # model.masking.MaskingConfig
+    objective: str = "mdlm"
+    block_size: int = 8
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"diffusion: objective={self.objective!r} is unknown; allowed: {', '.join(OBJECTIVES)}")
+        if (not isinstance(self.block_size, numbers.Integral) or isinstance(self.block_size, bool)
+                or self.block_size < 1):
+            raise ValueError(f"diffusion: block_size must be a positive int, got {self.block_size!r}")
         if self.loss_norm not in LOSS_NORMS:
             raise ValueError(f"diffusion: loss_norm={self.loss_norm!r} is unknown; allowed: "
                              f"{', '.join(LOSS_NORMS)}")
@@ -127,6 +147,37 @@ def loss_normaliser(loss_norm: str, maskable: torch.Tensor, loss_mask: torch.Ten
     return torch.full((), float(loss_mask.numel()), dtype=torch.float32, device=loss_mask.device)
 
 
+def block_ids(segment_ids: torch.Tensor, position_ids: torch.Tensor, *, block_size: int, shift: bool,
+              clean: bool) -> torch.Tensor:
+    """[B, L] int32 block-diffusion attention ids (kernels/__init__.py) of one copy of a batch:
+    (segment << BD_CODE_BITS) | (2 * block + clean), 0 on padding. A position's block is the block of
+    the token its hidden state predicts: (position + shift) // block_size."""
+    seg = segment_ids.to(torch.int32)
+    block = torch.div(position_ids.to(torch.int32) + int(shift), block_size, rounding_mode="floor")
+    code = 2 * block + int(clean)
+    ids = seg * (1 << kernels.BD_CODE_BITS) + code
+    return torch.where(seg > 0, ids, torch.zeros_like(ids))
+
+
+def block_diffusion_inputs(input_ids, noisy, segment_ids, position_ids, *, block_size: int, shift: bool):
+    """The bd3lm forward's inputs [B, 2L]: the noised copy, then the clean copy, with their
+    block-diffusion ids and positions (both copies keep the row's positions, so RoPE sees the same
+    offsets as at decoding).
+
+    With shift, the hidden state at i predicts token i + 1, so a noised block's queries are the
+    positions [b * size - 1, (b + 1) * size - 1): the first of them holds the previous block's last
+    token, which decoding has already fixed, so the noised copy shows it clean. That token is still
+    scored, by its own block (its predictor, one position earlier, never sees it)."""
+    pos2 = torch.cat([position_ids, position_ids], dim=1)
+    noisy_in = noisy
+    if shift:
+        last_of_block = torch.remainder(position_ids, block_size) == block_size - 1
+        noisy_in = torch.where(last_of_block, input_ids, noisy)
+    ids = torch.cat([block_ids(segment_ids, position_ids, block_size=block_size, shift=shift, clean=False),
+                     block_ids(segment_ids, position_ids, block_size=block_size, shift=shift, clean=True)], dim=1)
+    return torch.cat([noisy_in, input_ids], dim=1), ids, pos2
+
+
 def diffusion_loss(model, batch: dict, t: torch.Tensor, u: torch.Tensor, cfg: DiffusionConfig):
     """(loss, stats) for one batch of device tensors (the data contract: input_ids, src_mask,
     segment_ids, position_ids, all [B, L]). t [B], u [B, L] come from draw_noise.
@@ -144,7 +195,15 @@ def diffusion_loss(model, batch: dict, t: torch.Tensor, u: torch.Tensor, cfg: Di
 
     maskable = maskable_positions(batch, cfg.shift_logits)
     noisy, loss_mask = noise_batch(input_ids, maskable, t, u, cfg.mask_token_id)
-    hidden = model(noisy, segment_ids, position_ids)
+    if cfg.objective == "bd3lm":
+        if not getattr(model, "block_diffusion", False):
+            raise ValueError("diffusion: the bd3lm objective needs a model built with block_diffusion=True")
+        # One forward over both copies; only the noised copy's hidden states are scored.
+        ids2, bd_ids, pos2 = block_diffusion_inputs(input_ids, noisy, segment_ids, position_ids,
+                                                    block_size=cfg.block_size, shift=cfg.shift_logits)
+        hidden = model(ids2, bd_ids, pos2)[:, :input_ids.shape[1]]
+    else:
+        hidden = model(noisy, segment_ids, position_ids)
     targets, token_weight = loss_targets(input_ids, loss_mask, t, cfg.shift_logits)
     h = hidden.shape[-1]
     loss_sum = kernels.masked_cross_entropy(

@@ -52,10 +52,17 @@ class KVWindow:
 
     keys/values: the recorded per-layer [B, Hkv, L, D]; segment_ids [B, L] of the whole sequence;
     index [W] int64: the window's positions in the sequence (the model's inputs are those positions'
-    tokens, segments and positions). Causal models also mask keys after each query's own position."""
+    tokens, segments and positions). Causal models also mask keys after each query's own position.
+    keep: the window's fresh keys and values replace the recorded ones in `keys`/`values` (block-diffusion
+    decoding records a finished block this way; train/block_decode.py).
+    last_visible [W] int64: each window query sees no key after this position (block-diffusion decoding: a
+    finished block's queries stop at its own end while the next block's see it); None = no such limit."""
 
-    def __init__(self, keys, values, segment_ids: torch.Tensor, index: torch.Tensor):
-        self.keys, self.values = keys, values
+    def __init__(self, keys, values, segment_ids: torch.Tensor, index: torch.Tensor, keep: bool = False,
+                 last_visible: torch.Tensor | None = None):
+        self.keys, self.values = (list(keys), list(values)) if keep else (keys, values)
+        self.keep = keep
+        self.last_visible = last_visible
         self.segment_ids = segment_ids.to(torch.int32)
         self.index = index
 
@@ -65,6 +72,11 @@ class KVWindow:
     def attend(self, i: int, attention, q, k, v, segment_ids):
         keys = self.keys[i].index_copy(2, self.index, k.to(self.keys[i].dtype))
         values = self.values[i].index_copy(2, self.index, v.to(self.values[i].dtype))
+        if self.keep:
+            self.keys[i], self.values[i] = keys, values
+        if self.last_visible is not None:  # the limit is the query's "position" of the causal rule
+            return window_attention(q, keys, values, segment_ids, self.segment_ids, self.last_visible,
+                                    causal=True, sm_scale=attention.head_dim ** -0.5)
         return window_attention(q, keys, values, segment_ids, self.segment_ids, self.index,
                                 causal=attention.causal, sm_scale=attention.head_dim ** -0.5)
 

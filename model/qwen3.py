@@ -144,13 +144,16 @@ class Linear(nn.Linear):
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, config: Qwen3Config, *, causal: bool, backend: str, block_sizes):
+    def __init__(self, config: Qwen3Config, *, causal: bool, backend: str, block_sizes,
+                 block_diffusion: bool = False):
         super().__init__()
         h, d = config.hidden_size, config.head_dim
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = d
         self.causal = causal
+        # segment_ids are block-diffusion ids (kernels/__init__.py) in every full forward
+        self.block_diffusion = block_diffusion
         self.backend = backend
         self.block_sizes = block_sizes
         self.q_proj = Linear(h, self.num_heads * d, bias=False)
@@ -174,7 +177,8 @@ class Qwen3Attention(nn.Module):
     def attend(self, q, k, v, segment_ids):
         return kernels.masked_attention(q, k, v, segment_ids, causal=self.causal,
                                         sm_scale=self.head_dim ** -0.5, backend=self.backend,
-                                        block_sizes=self.block_sizes)
+                                        block_sizes=self.block_sizes,
+                                        block_diffusion=self.block_diffusion)
 
 
 class Qwen3MLP(nn.Module):
@@ -276,9 +280,11 @@ class Qwen3ForDiffusionLM(nn.Module):
     forward(input_ids [B,L], segment_ids [B,L] | None, position_ids [B,L] | None) -> [B,L,H].
     segment_ids: 1..k per packed example, 0 = padding (attends nowhere, output unused);
     None = one segment per row. position_ids: restart at 0 per example; None = 0..L-1.
+    block_diffusion (the bd3lm objective): every full forward's segment_ids are block-diffusion ids
+    (kernels/__init__.py; model/diffusion.py builds them), so the attention follows the BD3-LM pattern.
     """
 
-    def __init__(self, config: Qwen3Config, *, causal: bool = False,
+    def __init__(self, config: Qwen3Config, *, causal: bool = False, block_diffusion: bool = False,
                  attention_kernel: str = "reference", loss_kernel: str = "reference",
                  attention_kernel_config: dict | None = None,
                  loss_kernel_config: dict | None = None,
@@ -292,12 +298,16 @@ class Qwen3ForDiffusionLM(nn.Module):
         self._scan_fns: dict = {}
         self.config = config.validate()
         self.causal = bool(causal)
+        self.block_diffusion = bool(block_diffusion)
+        if self.causal and self.block_diffusion:
+            raise ValueError("model: causal attention and block diffusion exclude each other")
         self.attention_kernel = resolve_kernel(attention_kernel, "model.attention_kernel")
         self.loss_kernel = resolve_kernel(loss_kernel, "model.loss_kernel")
         self.attention_kernel_config = _plain_config(attention_kernel_config)
         self.loss_kernel_config = _plain_config(loss_kernel_config)
         self.model = Qwen3Model(config, causal=self.causal, backend=self.attention_kernel,
-                                block_sizes=self.attention_kernel_config)
+                                block_sizes=self.attention_kernel_config,
+                                block_diffusion=self.block_diffusion)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.reset_parameters()
@@ -453,7 +463,7 @@ class Qwen3ForDiffusionLM(nn.Module):
         function's identity, so the same function must come back on every call."""
         template = self.model.layers.template
         attn = template.self_attn
-        key = (attn.backend, repr(attn.block_sizes), attn.causal, remat)
+        key = (attn.backend, repr(attn.block_sizes), attn.causal, attn.block_diffusion, remat)
         fn = self._scan_fns.get(key)
         if fn is None:
             head_dim, theta = self.config.head_dim, self.config.rope_theta
@@ -475,7 +485,7 @@ class Qwen3ForDiffusionLM(nn.Module):
         return linear(hidden, self.lm_head_weight)
 
     def extra_repr(self) -> str:
-        return (f"causal={self.causal}, attention_kernel={self.attention_kernel!r}, "
+        return (f"causal={self.causal}, block_diffusion={self.block_diffusion}, attention_kernel={self.attention_kernel!r}, "
                 f"loss_kernel={self.loss_kernel!r}, "
                 f"gradient_checkpointing={self.gradient_checkpointing}, "
                 f"scan_layers={self.scan_layers}")

@@ -142,3 +142,114 @@ def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, m
     root = first.parent
     assert (root / "latest").read_text().strip() == first.name
     assert [p.name for p in root.iterdir() if p.name.startswith(".step-")] == []
+
+
+# ---- divergence.action=skip ------------------------------------------------------------------------------
+
+def _nan_loss_at(monkeypatch, steps):
+    """The training loss of these optimizer steps (1-based; one micro-batch each) becomes NaN, and so its
+    gradients; evaluation is untouched. The factor, 1.0 or NaN, is device data of shape [1]: torch_xla would
+    make a 0-d 1.0 a graph constant, and the NaN step a graph of its own."""
+    import model.diffusion as diffusion
+
+    real, calls = diffusion.diffusion_loss, []
+
+    def loss(model, batch, t, u, cfg):
+        value, stats = real(model, batch, t, u, cfg)
+        if model.training:
+            calls.append(None)
+            value = value * torch.tensor([float("nan") if len(calls) in steps else 1.0]).to(value.device)[0]
+        return value, stats
+
+    monkeypatch.setattr(diffusion, "diffusion_loss", loss)
+
+
+def _flat(tree, prefix=""):
+    """Every tensor of a nested dict/list (a state_dict), by path."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return {k: v for key, sub in items for k, v in _flat(sub, f"{prefix}/{key}").items()}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                                     b.reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_skip_leaves_parameters_and_optimizer_state_as_they_were_and_the_run_goes_on(tmp_path, monkeypatch,
+                                                                                    xla_device, optimizer):
+    import torch_xla.debug.metrics as met
+
+    from train import runtime
+    from train.checkpoint import load_checkpoint
+
+    _nan_loss_at(monkeypatch, {2})
+    lines = []
+    trainer = _trainer(tmp_path, "divergence.action=skip", "max_steps=4", "save_steps=1", "save_total_limit=null",
+                       f"optimizer.type={optimizer}", log=lines)
+    compiles, reads = [], []
+    real_step = trainer.train_step
+
+    def step():  # compiles so far, and whether the step (traced, not yet run) read anything back to the host
+        compiles.append(runtime.compile_count())
+        before = (met.metric_data("TransferFromDeviceTime") or [0])[0]
+        out = real_step()
+        reads.append((met.metric_data("TransferFromDeviceTime") or [0])[0] - before)
+        return out
+
+    trainer.train_step = step
+    result = trainer.fit()
+    assert result.steps_done == 4 and result.skipped_steps == 1
+    assert compiles[1] == compiles[2] == compiles[3] and reads == [0] * 4, (compiles, reads)  # one graph, no read
+    assert any(line.startswith("step 2: loss nan") and "skipped" in line for line in lines), lines
+    assert any("1 step(s) skipped" in line for line in lines), lines
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/skipped_steps"] for r in logged if "train/loss" in r] == [0, 1, 1, 1]
+
+    root = tmp_path / "run" / "checkpoints"
+    one, two, three = (load_checkpoint(root / f"step-0000000{s}") for s in (1, 2, 3))
+    for kept in (one, two, three):  # nothing non-finite reaches a checkpoint
+        assert all(torch.isfinite(t).all() for t in _flat(kept.model_state).values())
+        assert all(torch.isfinite(t).all() for t in _flat(kept.optimizer_state).values())
+    # step 2 applied no update: weights and optimizer state (moments, factored statistics, step counts) bit for bit
+    for name, tensor in one.model_state.items():
+        assert _same_bits(tensor, two.model_state[name]), name
+    before, after = _flat(one.optimizer_state["state"]), _flat(two.optimizer_state["state"])
+    assert sorted(before) == sorted(after) and any(k.endswith("/step") for k in before)
+    for key in before:
+        assert _same_bits(before[key], after[key]), key
+    assert all(float(t) == 1.0 for k, t in after.items() if k.endswith("/step"))
+    # ... while its batch was used up and the schedule moved on; step 3 trained again
+    assert two.trainer_state["scheduler"]["last_epoch"] == 2
+    assert two.trainer_state["data"] != one.trainer_state["data"]
+    assert any(not torch.equal(t, three.model_state[n]) for n, t in two.model_state.items())
+    assert all(float(t) == 2.0 for k, t in _flat(three.optimizer_state["state"]).items() if k.endswith("/step"))
+
+
+def test_max_skips_in_a_row_stop_the_run_as_stop_does(tmp_path, monkeypatch, capsys, xla_device):
+    from train.run import main
+
+    _nan_loss_at(monkeypatch, set(range(3, 100)))
+    out = tmp_path / "run"
+    code = main(SMALL + ["divergence.action=skip", "divergence.max_skips=2", "max_steps=10", "save_steps=1",
+                         "save_total_limit=null", f"output_dir={out}"])
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 3 and "\n" not in err and err.startswith("error: step 4: loss nan"), err
+    assert "2 steps in a row skipped (divergence.max_skips 2)" in err
+    assert "step 3: loss nan" in captured.out and "skipped, no update applied" in captured.out
+    # nothing saved at the step that stopped it; the skipped step 3 saved step 2's weights again
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == [f"step-0000000{s}" for s in (1, 2, 3)]
+
+
+def test_skip_settings_are_checked():
+    assert load_config(["divergence.action=skip"]).divergence.max_skips == 10
+    assert load_config(["divergence.action=skip", "divergence.max_skips=3"]).divergence.max_skips == 3
+    for bad in ("divergence.max_skips=0", "divergence.max_skips=-1", "divergence.max_skips=abc",
+                "divergence.max_skips=null", "divergence.max_skips=2.5"):
+        with pytest.raises(ConfigError) as info:
+            load_config([bad])
+        message = str(info.value)
+        assert "\n" not in message and message.startswith("divergence.max_skips: must be a positive integer"), bad

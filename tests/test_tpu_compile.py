@@ -120,6 +120,10 @@ def pytest_generate_tests(metafunc):
     full = metafunc.config.getoption("--tpu-full")
     if metafunc.function.__name__ == "test_attention_compiles":
         metafunc.parametrize("gen,heads_name,length,dtype,causal,blocks", _attention_params(full))
+    if metafunc.function.__name__ == "test_block_diffusion_attention_compiles":
+        metafunc.parametrize("bd_gen,heads_name,length,dtype", [
+            pytest.param(*case, id=f"{case[0]}-{case[1]}-L{case[2]}-{jnp.dtype(case[3]).name}")
+            for case in (BD_FULL if full else BD_FAST)])
     if metafunc.function.__name__ == "test_vmem_estimates_bound_what_mosaic_allocates":
         metafunc.parametrize("gen,case", _calibration_params(full))
     if metafunc.function.__name__ == "test_cross_entropy_compiles":
@@ -139,6 +143,18 @@ def test_attention_compiles(gen, heads_name, length, dtype, causal, blocks):
     blocks compile or are refused in one line (1,024-token blocks do not fit v4's 16 MiB of VMEM)."""
     for fn, args in _attention_case(gen, HEADS[heads_name], length, dtype, causal, blocks):
         _compile_or_refuse(fn, *args, must_compile=blocks is None or gen != "v4", chip=gen)
+
+
+BD_FAST = [("v5e", "qwen3-0.6b/1.7b", 4096, BF16), ("v4", "qwen3-tiny", 256, F32), ("v6e", "qwen3-4b/8b", 8192, BF16)]
+BD_FULL = [(gen, h, n, dt) for gen in GENERATIONS for h in HEADS for n in (256, 4096, 16384) for dt in (BF16, F32)]
+
+
+@needs_libtpu
+def test_block_diffusion_attention_compiles(bd_gen, heads_name, length, dtype):
+    """bd3lm's attention (the noised and the clean copy of a row: `length` = 2 x the row) with the
+    block-diffusion rule in the masks and the schedule, forward and backward, at default blocks."""
+    for fn, args in _attention_case(bd_gen, HEADS[heads_name], length, dtype, False, None):
+        _compile_or_refuse(functools.partial(fn, block_diffusion=True), *args, must_compile=True, chip=bd_gen)
 
 
 @needs_libtpu

@@ -163,6 +163,7 @@ def build_model(cfg: DictConfig, tokenizer, device: torch.device | None = None) 
     model = Qwen3ForDiffusionLM(
         model_config(cfg, tokenizer),
         causal=bool(cfg.model.causal),
+        block_diffusion=objective(cfg) == "bd3lm",
         attention_kernel=cfg.model.attention_kernel,
         loss_kernel=cfg.model.loss_kernel,
         attention_kernel_config=_plain(cfg.model.attention_kernel_config),
@@ -200,6 +201,7 @@ def resolve_shift_logits(cfg: DictConfig) -> bool:
 
 def diffusion_config(cfg: DictConfig, tokenizer):
     from model.diffusion import DiffusionConfig
+    from model.masking import MaskingConfig
 
     d = cfg.diffusion
     return DiffusionConfig(
@@ -209,7 +211,15 @@ def diffusion_config(cfg: DictConfig, tokenizer):
         loss_norm=str(d.loss_norm),
         shift_logits=resolve_shift_logits(cfg),
         full_mask_steps=int(d.get("full_mask_steps") or 0),
+        masking=MaskingConfig.from_config(d.get("masking"), total_steps=int(cfg.max_steps)),
+        objective=objective(cfg),
+        block_size=int(d.get("block_size") or 8),
     )
+
+
+def objective(cfg: DictConfig) -> str:
+    """diffusion.objective; runs and checkpoints from before it existed are mdlm."""
+    return str((cfg.get("diffusion") or {}).get("objective") or "mdlm")
 
 
 def noise_generator(*keys: int) -> torch.Generator:

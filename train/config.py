@@ -181,12 +181,65 @@ def validate(cfg: DictConfig) -> None:
     shift = cfg.diffusion.shift_logits
     if not (isinstance(shift, bool) or shift == "auto"):
         raise ConfigError(f"diffusion.shift_logits: {shift!r}; allowed: auto, true, false")
+    _objective(cfg)
     full = cfg.diffusion.get("full_mask_steps", 0)
     if not (isinstance(full, int) and not isinstance(full, bool) and full >= 0):
         raise ConfigError(f"diffusion.full_mask_steps: must be a non-negative integer, got {full!r}")
+    _masking(cfg)
 
 
-DIVERGENCE_ACTIONS = ("stop", "off")
+def _masking(cfg: DictConfig) -> None:
+    """diffusion.masking.{prefix,truncate,span}: probability and ramp_from in [0, 1], ramp_steps a
+    non-negative integer; span.lengths a non-empty list of positive integers, or a list of such lists
+    (phases of training). Absent keys keep their defaults (off)."""
+    node = cfg.diffusion.get("masking")
+    if node is None:
+        return
+    for kind in ("prefix", "truncate", "span"):
+        if node.get(kind) is None:
+            continue
+        key = f"diffusion.masking.{kind}"
+        for name in ("probability", "ramp_from"):
+            if node[kind].get(name) is not None or name == "probability":
+                _real(cfg, f"{key}.{name}", low=0, high=1)
+        if node[kind].get("ramp_steps") is not None:
+            _positive_int(cfg, f"{key}.ramp_steps", allow_zero=True)
+    lengths = OmegaConf.select(cfg, "diffusion.masking.span.lengths")
+    if lengths is None:
+        return
+    items = OmegaConf.to_container(lengths) if OmegaConf.is_list(lengths) else lengths
+
+    def positive_ints(values):
+        return (isinstance(values, list) and len(values) > 0
+                and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in values))
+
+    if not (positive_ints(items) or (isinstance(items, list) and len(items) > 0
+                                     and all(positive_ints(phase) for phase in items))):
+        raise ConfigError(f"diffusion.masking.span.lengths: must be a non-empty list of positive integers, or a "
+                          f"list of such lists (equal phases of max_steps), got {items!r}")
+
+
+OBJECTIVES = ("mdlm", "bd3lm")
+
+
+def _objective(cfg: DictConfig) -> None:
+    """diffusion.objective and bd3lm's block size (a causal model cannot run the block-diffusion pattern)."""
+    if cfg.diffusion.get("objective") is None:
+        return
+    objective = _choice(cfg, "diffusion.objective", OBJECTIVES)
+    if objective == "bd3lm":
+        size = _positive_int(cfg, "diffusion.block_size")
+        from kernels import BD_MAX_BLOCKS
+
+        if cfg.data.block_size // size >= BD_MAX_BLOCKS:
+            raise ConfigError(f"diffusion.block_size: {size} makes {cfg.data.block_size // size} blocks in a "
+                              f"row of data.block_size={cfg.data.block_size}; at most {BD_MAX_BLOCKS - 1}")
+        if cfg.model.get("causal"):
+            raise ConfigError("diffusion.objective: bd3lm needs bidirectional attention inside a block; "
+                              "model.causal=true excludes it")
+
+
+DIVERGENCE_ACTIONS = ("stop", "off", "skip")
 
 
 def _divergence(cfg) -> None:
@@ -197,6 +250,8 @@ def _divergence(cfg) -> None:
     factor = node.get("spike_factor", 0)
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (factor == 0 or factor > 1):
         raise ConfigError(f"divergence.spike_factor: must be 0 (off) or a number > 1, got {factor!r}")
+    if "max_skips" in node:  # absent (a config saved before the key existed): 10
+        _positive_int(cfg, "divergence.max_skips")
 
 
 REMAT_LAYERS = ("Qwen3DecoderLayer",)

@@ -147,7 +147,7 @@ def code_pass_at_k(loaded, gen_cfg, args, autocast) -> dict[str, Any]:
     completions = code_eval.generate_completions(problems, args.samples, sample)
     speed["tokens_per_s"] = speed["answer_tokens"] / speed["seconds"] if speed["seconds"] else 0.0
     results = code_eval.evaluate_completions(problems, completions, ks, timeout_s=args.code_timeout)
-    print(f"code: {args.code}, sampler: {gen_cfg.describe()}; decoding: {speed_line(speed)}")
+    print(f"code: {args.code}, sampler: {gen_cfg.describe(loaded.diffusion)}; decoding: {speed_line(speed)}")
     print(code_eval.format_table(results))
     for row, problem in zip(results["problems"], problems):
         row["completions"] = completions[problem.task_id]
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 acc, gens = exact_match(loaded.model, tok, examples, gen_cfg, loaded.device,
                                         diffusion=loaded.diffusion, autocast=autocast, progress=True, stats=speed)
                 hits = sum(is_match(a, r) for _, a, r in gens)
-                print(f"exact match: {acc:.1%} ({hits}/{len(gens)} held-out examples; sampler: {gen_cfg.describe()})")
+                print(f"exact match: {acc:.1%} ({hits}/{len(gens)} held-out examples; sampler: {gen_cfg.describe(loaded.diffusion)})")
                 print(f"decoding: {speed_line(speed)}")
                 report["decoding"] = speed
                 for line in format_examples(gens, args.show):

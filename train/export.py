@@ -3,7 +3,8 @@
 The directory loads with `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` (Qwen3ForCausalLM, no
 missing or unexpected weights) and `AutoTokenizer.from_pretrained(out_dir)`:
   config.json               Qwen3 architecture + our diffusion settings: mask_token_id, shift_logits,
-                            diffusion_loss_norm, diffusion_sampling_eps, diffusion_attention
+                            diffusion_loss_norm, diffusion_sampling_eps, diffusion_attention,
+                            diffusion_objective, diffusion_block_size
                             (bidirectional unless trained with model.causal=true)
   model.safetensors         weights by HF name, bit for bit unless --dtype casts them (a tied head has no
                             lm_head.weight, as transformers saves it); sharded with an index past
@@ -208,6 +209,8 @@ def diffusion_fields(cfg, diffusion) -> dict[str, Any]:
         "diffusion_loss_norm": str(diffusion.loss_norm),
         "diffusion_sampling_eps": float(diffusion.sampling_eps),
         "diffusion_attention": "causal" if bool(cfg.model.causal) else "bidirectional",
+        "diffusion_objective": str(diffusion.objective),
+        "diffusion_block_size": int(diffusion.block_size),
     }
 
 

@@ -204,10 +204,18 @@ class GenerationConfig:
             plan[-1][2].append(n)
         return plan
 
-    def describe(self) -> str:
-        steps = len(self.schedule())
-        return (f"{self.remasking}, {'at most ' if self.parallel or self.stop_at_eos else ''}{steps} steps, "
-                f"max_new_tokens {self.max_new_tokens}, block_length {self.block}, temperature {self.temperature:g}"
+    def describe(self, diffusion=None) -> str:
+        """One line of the settings; `diffusion` (a DiffusionConfig) says how a bd3lm model decodes."""
+        steps = f"{len(self.schedule())} steps"
+        blocks = f"block_length {self.block}"
+        if getattr(diffusion, "objective", "mdlm") == "bd3lm":
+            from train.block_decode import steps_per_block
+
+            size = diffusion.block_size
+            steps = f"{steps_per_block(self, size)} steps per block"
+            blocks = f"bd3lm blocks of {size} over an exact cache"
+        return (f"{self.remasking}, {'at most ' if self.parallel or self.stop_at_eos else ''}{steps}, "
+                f"max_new_tokens {self.max_new_tokens}, {blocks}, temperature {self.temperature:g}"
                 + (f", top_p {self.top_p:g}" if self.top_p < 1 else "")
                 + (f", top_k {self.top_k}" if self.top_k else "")
                 + (f", seed {self.seed}" if self.temperature > 0 or self.remasking == "random" else "")
@@ -556,9 +564,17 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], cfg: Generation
     bar = progress_bar(len(prompts)) if progress else None
     for i in range(0, len(prompts), rows):
         chunk = prompts[i:i + rows]
-        region = generate_ids(model, chunk, cfg, mask_id=diffusion.mask_token_id, pad_id=tokenizer.pad_id,
-                              shift_logits=diffusion.shift_logits, device=device, prompt_len=p_len,
-                              rows=rows, stops=stops, autocast=autocast, stats=counts)
+        if getattr(diffusion, "objective", "mdlm") == "bd3lm":  # block by block over an exact cache
+            from train.block_decode import generate_ids_blockwise
+
+            region = generate_ids_blockwise(model, chunk, cfg, block_size=diffusion.block_size,
+                                            mask_id=diffusion.mask_token_id, pad_id=tokenizer.pad_id,
+                                            shift_logits=diffusion.shift_logits, device=device, rows=rows,
+                                            stops=stops, autocast=autocast, stats=counts)
+        else:
+            region = generate_ids(model, chunk, cfg, mask_id=diffusion.mask_token_id, pad_id=tokenizer.pad_id,
+                                  shift_logits=diffusion.shift_logits, device=device, prompt_len=p_len,
+                                  rows=rows, stops=stops, autocast=autocast, stats=counts)
         cut = [cut_at_stop(r, stops) for r in region]
         tokens += sum(len(c) for c in cut)
         answers.extend(tokenizer.decode(c) for c in cut)
@@ -746,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"checkpoint: {loaded.path} (step {loaded.step}); sampler: {gen_cfg.describe()}")
+    print(f"checkpoint: {loaded.path} (step {loaded.step}); sampler: {gen_cfg.describe(loaded.diffusion)}")
     for prompt, answer in zip(prompts, answers):
         shown = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
         print(f"\n>>> {shown}\n{answer}")

@@ -131,6 +131,9 @@ class PallasDLM(LM):
     def score_pairs(self, pairs: Sequence[tuple[list[int], list[int]]], *, desc: str = "scoring",
                     samples: int | None = None, seed: int | None = None) -> list[tuple[float, bool]]:
         """[(ELBO estimate of log p(continuation | context), is_greedy)] for token-id pairs."""
+        if getattr(self.diffusion, "objective", "mdlm") == "bd3lm":
+            raise NotImplementedError("pallas-dlm: loglikelihood tasks are not built for bd3lm models yet (its "
+                                      "ELBO runs block by block); generate_until tasks work")
         samples = self.mc_samples if samples is None else samples
         rng = np.random.default_rng(self.seed if seed is None else seed)
         rows: list[_Scored] = []
@@ -273,12 +276,15 @@ def _load(pretrained: str, device):
         _, raw = read_hf_config(path)
         if "mask_token_id" not in raw:
             raise ValueError(f"{path / 'config.json'}: no mask_token_id; not a pallas-dlm export (train.export)")
-        model = load_hf_model(path, causal=raw.get("diffusion_attention") == "causal").to(device)
+        model = load_hf_model(path, causal=raw.get("diffusion_attention") == "causal",
+                              block_diffusion=raw.get("diffusion_objective") == "bd3lm").to(device)
         model.eval()
         if torch.device(device).type == "xla":
             runtime.sync()
         diffusion = DiffusionConfig(mask_token_id=int(raw["mask_token_id"]),
-                                    shift_logits=bool(raw.get("shift_logits", True)))
+                                    shift_logits=bool(raw.get("shift_logits", True)),
+                                    objective=str(raw.get("diffusion_objective", "mdlm")),
+                                    block_size=int(raw.get("diffusion_block_size", 8)))
         return model, load_tokenizer(str(path)), diffusion, GenerationConfig()
     from train.generate import load_for_inference
 

@@ -37,7 +37,12 @@ def optimizer_step(model, optimizer, batches: list[dict[str, np.ndarray]], t_all
                    diff_cfg, cfg: DictConfig, device) -> dict[str, torch.Tensor]:
     """One optimizer step as the device runs it: forward and backward over the micro-batches (`batches`, with
     rows of t_all/u_all in order), gradient clipping, the update, gradients cleared. Returns device stats; nothing
-    is synchronised. The trainer's step and the ahead-of-time TPU compile (train/aot.py) both trace this."""
+    is synchronised. The trainer's step and the ahead-of-time TPU compile (train/aot.py) both trace this.
+
+    divergence.action=skip: a step whose loss or gradient norm is not finite leaves every parameter and every
+    optimizer-state tensor on the device as it was, bit for bit, selected inside this same graph (no host
+    read before the update). A step count an optimizer keeps on the host (ours do) has still advanced: the
+    caller puts it back once the loss is on the host (`host_step_counts`, as Trainer.fit does)."""
     from model.diffusion import diffusion_loss
 
     model.train()
@@ -63,9 +68,44 @@ def optimizer_step(model, optimizer, batches: list[dict[str, np.ndarray]], t_all
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.max_grad_norm))
     else:
         grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
+    guard = skip_nonfinite(cfg)
+    if guard:
+        # Memory: the pre-step value of every parameter and state tensor stays alive until the select below
+        # (AdamW: three times the parameters' bytes more at the update; the update cannot be in place).
+        init_optimizer_state(optimizer)  # state made inside step() would have no "before" (ours exists already)
+        before = [t.detach().clone() for t in _device_state(optimizer)]
     optimizer.step()
+    if guard:
+        finite = torch.isfinite(loss_total) & torch.isfinite(grad_norm)
+        after = _device_state(optimizer)
+        assert len(after) == len(before), "divergence.action=skip: the optimizer step added state tensors"
+        with torch.no_grad():
+            for tensor, old in zip(after, before):
+                tensor.copy_(torch.where(finite, tensor, old))
     optimizer.zero_grad(set_to_none=True)
     return {"loss": loss_total, "grad_norm": grad_norm, "loss_positions": positions}
+
+
+def skip_nonfinite(cfg: DictConfig) -> bool:
+    return (cfg.get("divergence") or {}).get("action", "stop") == "skip"
+
+
+def _device_state(optimizer) -> list[torch.Tensor]:
+    """Every parameter and every optimizer-state tensor held on its parameter's device, in a fixed order."""
+    out = []
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param) or {}
+            out += [param] + [state[k] for k in sorted(state)
+                              if isinstance(state[k], torch.Tensor) and state[k].device == param.device]
+    return out
+
+
+def host_step_counts(optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(tensor, copy) of each optimizer-state tensor kept on the host beside a parameter on another device
+    (our optimizers' step counts); copying back undoes a skipped step's count."""
+    return [(t, t.clone()) for group in optimizer.param_groups for p in group["params"]
+            for t in (optimizer.state.get(p) or {}).values() if isinstance(t, torch.Tensor) and t.device != p.device]
 
 
 def _sequence_after(before: list[torch.Tensor], after: dict[str, torch.Tensor]) -> None:
@@ -90,10 +130,12 @@ class RunResult:
     checkpoint: Path | None = None
     output_dir: Path | None = None
     stopped_by: str | None = None  # the signal that ended the run early (SIGTERM, SIGINT), if one did
+    skipped_steps: int = 0  # steps with a non-finite loss or gradient norm that applied no update (action=skip)
 
 
 class TrainingDiverged(RuntimeError):
-    """A step's loss or gradient norm is not finite (divergence.action=stop); nothing was saved after it."""
+    """A step's loss or gradient norm is not finite (divergence.action=stop), or divergence.max_skips steps in a
+    row were (action=skip); nothing was saved after it."""
 
 
 # How many previous steps' losses the spike warning compares against (their median).
@@ -177,19 +219,22 @@ class Trainer:
         if cfg.init_from and hf_init_dir(cfg) is not None:
             self._load_hf_weights(hf_init_dir(cfg))
         elif cfg.init_from:
-            loaded = ckpt.load_checkpoint(cfg.init_from, with_optimizer=False)
+            loaded = ckpt.load_checkpoint(cfg.init_from, with_optimizer=False, log=self.log)
             ckpt.load_model_weights(self.model, loaded.model_state, str(loaded.path))
             self.log(f"init_from: weights of {loaded.path} (step {loaded.step}); fresh optimizer, schedule, step")
         elif cfg.resume_from_checkpoint is not None:
-            path = ckpt.resolve_checkpoint(self.ckpt_dir, cfg.resume_from_checkpoint)
+            # verified against its manifest; `latest` falls back past damaged ones, logging each
+            path = ckpt.resolve_checkpoint(self.ckpt_dir, cfg.resume_from_checkpoint, log=self.log)
             if self.mesh is not None and ckpt.is_sharded_checkpoint(path) and self._optimizer_state_ready():
                 # Each device reads its own pieces, whatever mesh wrote them.
                 loaded = ckpt.load_sharded_into(path, self.model, self.optimizer)
             else:
-                loaded = ckpt.load_checkpoint(path)
+                loaded = ckpt.load_checkpoint(path, log=None)  # resolve_checkpoint logged any warning
                 ckpt.load_model_weights(self.model, loaded.model_state, str(path))
                 if loaded.optimizer_state is not None:
                     ckpt.load_optimizer_state(self.optimizer, loaded.optimizer_state, str(path))
+                else:  # saved without one (a manifest would have caught a deleted optimizer.pt)
+                    self.log(f"warning: {path} holds no optimizer state; the optimizer starts fresh")
                 loaded = loaded.trainer_state
             self.scheduler.load_state_dict(loaded["scheduler"])
             self.stream.load_state_dict(loaded["data"])
@@ -255,10 +300,17 @@ class Trainer:
         # Noise for the step's whole batch, then one slice per micro-batch: accumulating k micro-batches
         # sees the same rows and the same noise as one batch k times larger.
         rows, length = self.micro_rows, int(cfg.data.block_size)
-        t_all, u_all = draw_noise(rows * accum, length, noise_generator(cfg.seed, self.step),
+        generator = noise_generator(cfg.seed, self.step)
+        t_all, u_all = draw_noise(rows * accum, length, generator,
                                   sampling_eps=self.diff_cfg.sampling_eps, antithetic=self.diff_cfg.antithetic,
                                   full_mask=self.step < self.diff_cfg.full_mask_steps)
         batches = [next(self.stream) for _ in range(accum)]
+        if self.diff_cfg.masking is not None:  # prefix/truncate/span schedules: host data and u, drawn after t, u
+            from model.masking import apply_masking_to_step
+
+            batches, u_all = apply_masking_to_step(batches, u_all, generator, self.step, self.diff_cfg.masking,
+                                                   shift_logits=self.diff_cfg.shift_logits,
+                                                   pad_id=getattr(self.tokenizer, "pad_id", None))
         stats = optimizer_step(self.model, self.optimizer, batches, t_all, u_all, self.diff_cfg, cfg, self.device)
         self.scheduler.step()
         return stats, sum(non_padding_tokens(b) for b in batches)
@@ -298,7 +350,7 @@ class Trainer:
             return
         first = f"{before['eval/exact_match']:.1%} -> " if "eval/exact_match" in before else ""
         self.log(f"held-out exact match: {first}{after['eval/exact_match']:.1%} "
-                 f"({len(self.em_examples)} examples; sampler: {self.gen_cfg.describe()})")
+                 f"({len(self.em_examples)} examples; sampler: {self.gen_cfg.describe(self.diff_cfg)})")
         show = int(self.cfg.generation.get("eval_show_examples", 5) or 0)
         for line in format_examples(self.generations, show):
             self.log(line)
@@ -339,16 +391,21 @@ class Trainer:
         guard = cfg.get("divergence") or {}
         check = guard.get("action", "stop") != "off"
         spike = float(guard.get("spike_factor", 0) or 0)
+        max_skips = int(guard.get("max_skips", 10)) if skip_nonfinite(cfg) else None
+        self.skipped_steps, self.skips_in_row = 0, 0
         recent: list[float] = []
         signals = StopSignals()
         with signals:
             while self.step < cfg.max_steps and signals.received is None:
                 lr = self.scheduler.get_last_lr()[0]
+                counts = host_step_counts(self.optimizer) if max_skips else []
                 stats, tokens = self.train_step()
                 runtime.sync()
                 self.step += 1
                 if check or spike:  # two scalars to the host per step, already computed by the sync above
-                    self._check_step(stats, recent, check, spike)
+                    if self._check_step(stats, recent, check, spike, max_skips=max_skips):
+                        for count, old in counts:  # the device state was kept in the step's graph
+                            count.copy_(old)
                 pending.append((self.step, stats, tokens))
                 bar.update(1)
                 last = self.step == cfg.max_steps or signals.received is not None
@@ -358,6 +415,10 @@ class Trainer:
         bar.close()
         result.train_seconds = time.perf_counter() - train_start
         result.stopped_by = signals.received
+        result.skipped_steps = self.skipped_steps
+        if max_skips:
+            self.log(f"divergence.action=skip: {self.skipped_steps} step(s) skipped in this run (non-finite loss or "
+                     f"gradient norm; no update applied)")
         if result.stopped_by is not None:
             self.log(f"{result.stopped_by} at step {self.step}: saving a checkpoint and stopping")
         elif trained:
@@ -375,10 +436,27 @@ class Trainer:
         result.total_seconds = time.perf_counter() - start
         return result
 
-    def _check_step(self, stats: dict, recent: list[float], check: bool, spike: float) -> None:
-        """The divergence guard on the step just run (self.step): stop on a non-finite loss or gradient
-        norm before anything is saved; warn on a loss spike."""
+    def _check_step(self, stats: dict, recent: list[float], check: bool, spike: float,
+                    max_skips: int | None = None) -> bool:
+        """The divergence guard on the step just run (self.step): on a non-finite loss or gradient norm,
+        stop before anything is saved (max_skips None: divergence.action=stop), or count the step, which
+        applied no update, and say so (action=skip; True), stopping at max_skips such steps in a row; warn
+        on a loss spike."""
         loss, norm = float(stats["loss"].item()), float(stats["grad_norm"].item())
+        if check and max_skips is not None:
+            if math.isfinite(loss) and math.isfinite(norm):
+                self.skips_in_row = 0
+            else:
+                self.skipped_steps += 1
+                self.skips_in_row += 1
+                if self.skips_in_row >= max_skips:
+                    raise TrainingDiverged(
+                        f"step {self.step}: loss {loss}, gradient norm {norm}; {self.skips_in_row} steps in a row "
+                        f"skipped (divergence.max_skips {max_skips}), so the run stopped without saving (the last "
+                        f"checkpoint, if any, is untouched). Lower optimizer.learning_rate or keep max_grad_norm on")
+                self.log(f"step {self.step}: loss {loss}, gradient norm {norm}: skipped, no update applied "
+                         f"(divergence.action=skip; {self.skips_in_row} in a row, {self.skipped_steps} in this run)")
+                return True
         if check and not (math.isfinite(loss) and math.isfinite(norm)):
             raise TrainingDiverged(
                 f"step {self.step}: loss {loss}, gradient norm {norm}; the run diverged and stopped without "
@@ -389,6 +467,7 @@ class Trainer:
                      f"median of the previous {len(recent)} steps (divergence.spike_factor {spike:g})")
         recent.append(loss)
         del recent[:-SPIKE_WINDOW]
+        return False
 
     def _after_step(self, cfg, metrics, result, pending, bar, lr, last: bool, window_start: float) -> None:
         """Logging, evaluation and periodic saves after a step; clears `pending` when it logged."""
@@ -396,7 +475,10 @@ class Trainer:
             values = [(s, {k: v.item() for k, v in st.items()}, tok) for s, st, tok in pending]
             elapsed = time.perf_counter() - window_start
             n_tokens = sum(tok for _, _, tok in values)
-            loss = float(np.mean([v["loss"] for _, v, _ in values]))
+            losses = [v["loss"] for _, v, _ in values]
+            if skip_nonfinite(cfg):  # the steps that trained: a skipped step's NaN would hide the window's loss
+                losses = [x for x in losses if math.isfinite(x)] or [math.nan]
+            loss = float(np.mean(losses))
             record = {
                 "train/loss": loss,
                 "train/ppl": math.exp(min(loss, 50.0)),
@@ -405,6 +487,7 @@ class Trainer:
                 "train/loss_positions": float(np.mean([v["loss_positions"] for _, v, _ in values])),
                 "train/step_time": elapsed / len(values),
                 "train/tokens_per_s": n_tokens / max(elapsed, 1e-9),
+                **({"train/skipped_steps": self.skipped_steps} if skip_nonfinite(cfg) else {}),
             }
             for s, v, _ in values:
                 result.step_losses[s] = v["loss"]
