@@ -27,7 +27,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # reached Linux's 65,530-map limit (vm.max_map_count) and died inside XLA (SIGSEGV/SIGABRT in a late
 # test). Keep fewer graphs (no test needs more than a few dozen alive); JAX's caches are cleared per
 # module below.
-os.environ.setdefault("XLA_COMPILATION_CACHE_SIZE", "128")
+os.environ.setdefault("XLA_COMPILATION_CACHE_SIZE", "32")
 
 # torch_xla is a pinned dependency: a broken install must fail the suite, not skip it.
 import torch_xla  # noqa: E402
