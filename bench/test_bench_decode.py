@@ -81,29 +81,36 @@ def test_demo_decode(benchmark, record_figure, region, mode, checkpoints):
 
 # bd3lm (issue 20): the demo trained with the block-diffusion objective (blocks of 4 and 8) against the demo's
 # mdlm checkpoint, each with the default sampler (threshold 0.9, stop at the end of the answer) over the same
-# 8-token region: time per answer token, and exact match.
-BD_OBJECTIVES = {"mdlm": (), "bd3lm-b4": ("diffusion.objective=bd3lm", "diffusion.block_size=4"),
-                 "bd3lm-b8": ("diffusion.objective=bd3lm", "diffusion.block_size=8")}
+# region (the demo's 8 tokens; and 32, each model trained with answers padded to 32): time per answer token,
+# and exact match. name -> (region, training overrides).
+BD_OBJECTIVES = {"mdlm": (8, ()),
+                 "bd3lm-b4": (8, ("diffusion.objective=bd3lm", "diffusion.block_size=4")),
+                 "bd3lm-b8": (8, ("diffusion.objective=bd3lm", "diffusion.block_size=8")),
+                 "mdlm-r32": (32, ()),
+                 "bd3lm-b4-r32": (32, ("diffusion.objective=bd3lm", "diffusion.block_size=4"))}
 
 
 @pytest.mark.parametrize("objective", list(BD_OBJECTIVES))
 def test_block_diffusion_decode(benchmark, record_figure, objective):
-    out = demo_checkpoint(harness.BENCH / "results" / "cache", 8, extra=BD_OBJECTIVES[objective])
+    region, extra = BD_OBJECTIVES[objective]
+    out = demo_checkpoint(harness.BENCH / "results" / "cache", region, extra=extra)
     name = f"decode-objective-{objective}"
-    sampler = dict(max_new_tokens=8, threshold=0.9, stop_at_eos=True, cache="none", block_length=None, steps=None)
+    sampler = dict(max_new_tokens=region, threshold=0.9, stop_at_eos=True, cache="none", block_length=None,
+                   steps=None)
     spec = dict(builder="bench.decode_cases:demo_decode", checkpoint=str(out), examples=100, cpus=1, warmup=1,
                 sampler=sampler)
-    res = harness.measure(benchmark, name, spec, rounds=3, group="decode by objective, 8-token region")
+    res = harness.measure(benchmark, name, spec, rounds=3, group=f"decode by objective, {region}-token region")
     assert res["compiles_during_rounds"] == 0, "decoding recompiled between rounds"
     per_token = harness.case_time(name) / max(res["last"]["answer_tokens"], 1)
     figs = harness.FigureList()
-    figs.add(f"decode_exact_match_{objective}", res["last"]["exact_match"], "", "held-out exact match, default sampler")
-    figs.add(f"decode_s_per_token_{objective}", per_token, "s/token", "round time / answer tokens (before the stop)")
-    base = "decode-objective-mdlm"
-    if objective != "mdlm" and base in harness.CASES:
+    key = objective.replace("-", "_")
+    figs.add(f"decode_exact_match_{key}", res["last"]["exact_match"], "", "held-out exact match, default sampler")
+    figs.add(f"decode_s_per_token_{key}", per_token, "s/token", "round time / answer tokens (before the stop)")
+    base = "decode-objective-mdlm" + ("" if region == 8 else f"-r{region}")
+    if not objective.startswith("mdlm") and base in harness.CASES:
         base_per_token = harness.case_time(base) / max(harness.CASES[base]["last"]["answer_tokens"], 1)
-        figs.add(f"decode_speedup_per_token_{objective.replace('-', '_')}", base_per_token / per_token, "x",
-                 "mdlm's time per answer token / this objective's (same region, same sampler)")
+        figs.add(f"decode_speedup_per_token_{key}", base_per_token / per_token, "x",
+                 f"mdlm's time per answer token / this objective's (same {region}-token region, same sampler)")
     record_figure.many(figs)
 
 
