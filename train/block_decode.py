@@ -37,7 +37,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from train.generate import PROMPT_BUCKET, GenerationConfig, _i32, _is_xla, _reveal, _vocab_size
+from train.generate import (PROMPT_BUCKET, GenerationConfig, _i32, _is_xla, _reveal, add_counts, end_step,
+                            mask_bias)
 
 
 def steps_per_block(cfg: GenerationConfig, block_size: int) -> int:
@@ -102,11 +103,8 @@ def generate_ids_blockwise(model, prompts: Sequence[Sequence[int]], cfg: Generat
     x = dev(ids, torch.int64)
     segment_ids, position_ids = dev(seg, torch.int32), dev(pos, torch.int32)
     gen_mask = dev(generated, torch.bool)
-    vocab = _vocab_size(model)
-    bias = torch.zeros(vocab, dtype=torch.float32)
-    if mask_id < vocab:
-        bias[mask_id] = float("-inf")
-    common = dict(gen_mask=gen_mask, seed=dev([_i32(cfg.seed)], torch.int32), vocab_bias=bias.to(device),
+    common = dict(gen_mask=gen_mask, seed=dev([_i32(cfg.seed)], torch.int32),
+                  vocab_bias=mask_bias(model, mask_id, device),
                   stops=dev(list(stops), torch.int64) if cfg.stop_at_eos and stops else None, total=total, cfg=cfg,
                   mask_id=mask_id)
     done = dev(np.zeros(len(ids), dtype=bool), torch.bool)
@@ -156,11 +154,7 @@ def generate_ids_blockwise(model, prompts: Sequence[Sequence[int]], cfg: Generat
                     x, done, counter, flags = _reveal_step(model, hidden, x, block_cols, done, counter, steps_left,
                                                            **common)
                 counts["full_steps" if b == 0 and i == 0 else "window_steps"] += 1
-                if xla:
-                    runtime.sync()  # the recorded keys and values too: they are live tensors
-                if trace is not None:
-                    trace.append(x.cpu().numpy())
-                every_row_done, block_done = flags.cpu().tolist()
+                every_row_done, block_done = end_step(x, flags, xla=xla, trace=trace)
                 if every_row_done or block_done:
                     break
             if every_row_done:
@@ -168,9 +162,7 @@ def generate_ids_blockwise(model, prompts: Sequence[Sequence[int]], cfg: Generat
         out = x.cpu().numpy()
     finally:
         model.train(was_training)
-    if stats is not None:
-        for key, value in counts.items():
-            stats[key] = stats.get(key, 0) + value
+    add_counts(stats, counts)
     answers = np.full((len(prompts), cfg.max_new_tokens), pad_id, dtype=np.int64)
     for r in range(len(prompts)):
         region = out[r, generated[r]]

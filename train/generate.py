@@ -444,16 +444,12 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
     device = torch.device(device) if device is not None else next(model.parameters()).device
     g = cfg.max_new_tokens
     ids, seg, pos, p_len = layout(prompts, g, mask_id=mask_id, pad_id=pad_id, prompt_len=prompt_len, rows=rows)
-    vocab = _vocab_size(model)
-    bias = torch.zeros(vocab, dtype=torch.float32)
-    if mask_id < vocab:
-        bias[mask_id] = float("-inf")  # never "reveal" a MASK
     dev = lambda a, dtype: torch.as_tensor(a, dtype=dtype).to(device)  # noqa: E731
     x = dev(ids, torch.int64)
     segment_ids, position_ids = dev(seg, torch.int32), dev(pos, torch.int32)
     n_reveals = dev(np.asarray([n for _, _, n in cfg.schedule()], dtype=np.int32), torch.int32)
     seed = dev([_i32(cfg.seed)], torch.int32)
-    vocab_bias = bias.to(device)
+    vocab_bias = mask_bias(model, mask_id, device)
     done = dev(np.zeros(len(ids), dtype=bool), torch.bool)
     stop_tensor = dev(list(stops), torch.int64) if cfg.stop_at_eos and stops else None
     early = cfg.parallel or stop_tensor is not None  # may a block or the decoding end before its schedule?
@@ -490,24 +486,16 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
                                                     vocab_bias, done, stop_tensor, block_offsets, kv,
                                                     window if cached else None, **common)
                 counts["window_steps" if cached else "full_steps"] += 1
-                if xla:
-                    runtime.sync()  # the recorded keys and values too: they are live tensors
-                if trace is not None:
-                    trace.append(x.cpu().numpy())
-                if early:
-                    every_row_done, block_done = flags.cpu().tolist()
-                    if every_row_done:
-                        finished = True
-                    if every_row_done or block_done:
-                        break
+                every_row_done, block_done = end_step(x, flags, xla=xla, trace=trace, read_flags=early)
+                finished = every_row_done
+                if every_row_done or block_done:
+                    break
             if finished:
                 break
         out = x.cpu().numpy()
     finally:
         model.train(was_training)
-    if stats is not None:
-        for key, value in counts.items():
-            stats[key] = stats.get(key, 0) + value
+    add_counts(stats, counts)
     region = out[: len(prompts), p_len:]
     region[region == mask_id] = pad_id  # only rows that stopped early keep masks (after their stop)
     return region
@@ -518,6 +506,38 @@ def _vocab_size(model) -> int:
     if weight is not None:
         return int(weight.shape[0])
     return int(model.config.vocab_size)
+
+
+def mask_bias(model, mask_id: int, device) -> torch.Tensor:
+    """[vocab] fp32 added to every step's logits: -inf at MASK (a step never "reveals" a MASK), else 0."""
+    vocab = _vocab_size(model)
+    bias = torch.zeros(vocab, dtype=torch.float32)
+    if mask_id < vocab:
+        bias[mask_id] = float("-inf")
+    return bias.to(device)
+
+
+def end_step(x, flags, *, xla: bool, trace: list | None, read_flags: bool = True) -> tuple[bool, bool]:
+    """After a decoding step: run its graph on XLA (the recorded keys and values too: they are live
+    tensors), keep a host copy of the sequence for `trace`, and read its [2] flags (every row done, the
+    block has no masks left), one host read; (False, False) without reading when read_flags is off."""
+    if xla:
+        from train import runtime
+
+        runtime.sync()
+    if trace is not None:
+        trace.append(x.cpu().numpy())
+    if not read_flags:
+        return False, False
+    every_row_done, block_done = flags.cpu().tolist()
+    return bool(every_row_done), bool(block_done)
+
+
+def add_counts(stats: dict | None, counts: dict[str, int]) -> None:
+    """Adds a generation's step counts into the caller's `stats` (None: not wanted)."""
+    if stats is not None:
+        for key, value in counts.items():
+            stats[key] = stats.get(key, 0) + value
 
 
 def stop_ids(tokenizer) -> tuple[int, ...]:
